@@ -1,0 +1,41 @@
+"""The one explicit map from config device types to host-side device models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from backends.vmbus.devices import IC_SERVICES, DeviceModel, IcDevice, IdleDevice
+from backends.vmbus.host import ChannelSpec
+from vbusfs.config import Config
+from vbusfs.protocols import vmbus as m
+
+__all__ = ["VMBUS_MODELS", "vmbus_channel_specs"]
+
+#: VMBUS_PIPE_TYPE_MESSAGE in the offer's user-defined area, and the offer flags a named-pipe
+#: IC channel carries (reference/hv-services.md §1.1)
+_PIPE_FLAGS = 0x1 | 0x10
+_PIPE_MODE_MESSAGE = (4).to_bytes(4, "little")
+
+
+def _ic(service: str) -> Callable[[], DeviceModel]:
+    return lambda: IcDevice(service)
+
+
+VMBUS_MODELS: dict[str, Callable[[], DeviceModel]] = {
+    **{service: _ic(service) for service in IC_SERVICES},
+    **{c.type: IdleDevice for c in m.DEVICE_CLASSES if c.type not in IC_SERVICES},
+}
+
+
+def vmbus_channel_specs(config: Config) -> list[ChannelSpec]:
+    specs = []
+    for dev in config.vmbus_devices:
+        cls = m.class_by_type(dev.type)
+        assert cls is not None  # config validation guarantees it
+        is_ic = dev.type in IC_SERVICES
+        specs.append(ChannelSpec(
+            name=dev.key, if_type=cls.guid, if_instance=dev.instance,
+            model=VMBUS_MODELS[dev.type](), monitor=dev.monitor,
+            chn_flags=_PIPE_FLAGS if is_ic else 0,
+            user_defined=_PIPE_MODE_MESSAGE if is_ic else b""))
+    return specs

@@ -1,0 +1,1 @@
+"""mountctl: mount, inspect and unmount vbusfs machines (see ``mountctl --help``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from mountctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""The machine config: TOML, validated completely before anything is built or mounted.
+
+Every problem is reported as :class:`ConfigError` with the key path that caused it
+(``vmbus.device[2].instance``). One table per section drives validation and the docs
+(docs/config.md): each row is a key, its type, its default, and a parser.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from vbusfs.protocols import vmbus as m
+from vbusfs.protocols.guid import parse_guid
+
+__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "load",
+           "load_default", "parse", "DEFAULT_CONFIG", "derive_guid", "parse_size"]
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str
+    state_dir: Path
+    cpus: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class VmbusDeviceConfig:
+    type: str
+    instance: uuid.UUID
+    monitor: bool
+    key: str          # where it came from, e.g. "vmbus.device[3]"
+
+
+@dataclass(frozen=True)
+class Config:
+    machine: MachineConfig
+    vmbus_version: m.Version
+    vmbus_devices: tuple[VmbusDeviceConfig, ...] = field(default=())
+    source: str = "<embedded default>"
+
+
+def parse_size(text: str | int) -> int:
+    """``"64M"`` → 67108864; K/M/G/T are powers of 1024; a bare number is bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError("a size cannot be negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError("expected a size such as \"64M\"")
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    if not t.isdigit():
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64M, 1G)")
+    return int(t) * mult
+
+
+def derive_guid(*parts: str) -> uuid.UUID:
+    """A stable, random-looking (version 4 layout) GUID from blake3 of the parts."""
+    digest = blake3.blake3("\0".join(parts).encode()).digest(16)
+    return uuid.UUID(bytes=digest, version=4)
+
+
+def _typed(key: str, value: Any, want: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and want is not bool and bool not in (
+            want if isinstance(want, tuple) else (want,)):
+        raise ConfigError(key, f"expected {what}, got a boolean")
+    if not isinstance(value, want):
+        raise ConfigError(key, f"expected {what}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _no_unknown(key: str, table: dict[str, Any], allowed: dict[str, Any]) -> None:
+    for k in table:
+        if k not in allowed:
+            where = f"{key}.{k}" if key else k
+            raise ConfigError(where, "unknown key (allowed: " + ", ".join(allowed) + ")")
+
+
+Row = tuple[type | tuple[type, ...], str, Any]   # type, description, default (... = required)
+
+MACHINE_KEYS: dict[str, Row] = {
+    "name": (str, "a machine name", ...),
+    "state_dir": (str, "a directory path", "state"),
+    "cpus": (int, "a vCPU count", 2),
+    "memory": ((str, int), "a size", "64M"),
+}
+VMBUS_KEYS: dict[str, Row] = {
+    "version": (str, "a VMBus version such as \"5.3\"", "5.3"),
+    "device": (list, "an array of tables", []),
+}
+VMBUS_DEVICE_KEYS: dict[str, Row] = {
+    "type": (str, "a device type", ...),
+    "instance": (str, "a GUID", None),
+    "monitor": (bool, "true or false", None),
+}
+
+
+def _section(key: str, table: Any, rows: dict[str, Row]) -> dict[str, Any]:
+    _typed(key, table, dict, "a table")
+    _no_unknown(key, table, rows)
+    out: dict[str, Any] = {}
+    for name, (want, what, default) in rows.items():
+        sub = f"{key}.{name}" if key else name
+        if name in table:
+            out[name] = _typed(sub, table[name], want, what)
+        elif default is ...:
+            raise ConfigError(sub, "missing (required)")
+        else:
+            out[name] = default
+    return out
+
+
+def _convert(key: str, fn: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return fn(value)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
+    _no_unknown("", doc, {"machine": 0, "vmbus": 0})
+    if "machine" not in doc:
+        raise ConfigError("machine", "missing (required)")
+    mach = _section("machine", doc["machine"], MACHINE_KEYS)
+    name = mach["name"]
+    if not name or "/" in name or name.strip() != name:
+        raise ConfigError("machine.name", f"{name!r} is not a usable name")
+    if not 1 <= mach["cpus"] <= 4096:
+        raise ConfigError("machine.cpus", f"{mach['cpus']} is not between 1 and 4096")
+    memory = _convert("machine.memory", parse_size, mach["memory"])
+    if memory < 16 * 1024 * 1024 or memory % 4096:
+        raise ConfigError("machine.memory", "must be at least 16M and a multiple of 4K")
+    state_dir = Path(mach["state_dir"])
+    machine = MachineConfig(name, state_dir if state_dir.is_absolute() else base_dir / state_dir,
+                            mach["cpus"], memory)
+
+    vm = _section("vmbus", doc.get("vmbus", {}), VMBUS_KEYS)
+    version = _convert("vmbus.version", m.Version.parse, vm["version"])
+    if version < m.Version.WIN8:
+        raise ConfigError("vmbus.version", "Linux guests need 2.4 (WIN8) or later")
+    devices: list[VmbusDeviceConfig] = []
+    seen: dict[uuid.UUID, str] = {}
+    ordinal: dict[str, int] = {}
+    known = ", ".join(c.type for c in m.DEVICE_CLASSES)
+    for i, raw in enumerate(vm["device"]):
+        key = f"vmbus.device[{i}]"
+        dev = _section(key, raw, VMBUS_DEVICE_KEYS)
+        cls = m.class_by_type(dev["type"])
+        if cls is None:
+            raise ConfigError(f"{key}.type", f"unknown device type {dev['type']!r} "
+                              f"(known: {known})")
+        n = ordinal.get(cls.type, 0)
+        ordinal[cls.type] = n + 1
+        if dev["instance"] is not None:
+            instance = _convert(f"{key}.instance", parse_guid, dev["instance"])
+        else:
+            instance = derive_guid(name, "vmbus", cls.type, str(n))
+        if instance in seen:
+            raise ConfigError(f"{key}.instance", f"duplicate device: {instance} is also "
+                              f"{seen[instance]}")
+        seen[instance] = key
+        monitor = cls.perf_device if dev["monitor"] is None else dev["monitor"]
+        devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key))
+    if len(devices) > 128 and sum(d.monitor for d in devices) > 128:
+        raise ConfigError("vmbus.device", "more than 128 monitored channels")
+    return Config(machine, version, tuple(devices), source)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError("", f"cannot read {p}: {e.strerror}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"not valid TOML: {e}") from None
+    return parse(doc, p.resolve().parent, str(p))
+
+
+#: A typical Hyper-V generation-2 guest. The integration services and the first SCSI
+#: controller use the instance GUIDs Hyper-V/Azure use (reference/hv-services.md §2.7,
+#: reference/sysfs.md §1.5), so tools that look for them find them.
+DEFAULT_CONFIG = """\
+[machine]
+name = "hyperv-gen2"
+state_dir = "hyperv-gen2"
+cpus = 2
+memory = "64M"
+
+[vmbus]
+version = "5.3"
+
+[[vmbus.device]]
+type = "shutdown"
+instance = "b6650ff7-33bc-4840-8048-e0676786f393"
+
+[[vmbus.device]]
+type = "timesync"
+instance = "2dd1ce17-079e-403c-b352-a1921ee207ee"
+
+[[vmbus.device]]
+type = "heartbeat"
+instance = "fd149e91-82e0-4a7d-afa6-2a4166cbd7c0"
+
+[[vmbus.device]]
+type = "kvp"
+instance = "242ff919-07db-4180-9c2e-b86cb68c8c55"
+
+[[vmbus.device]]
+type = "vss"
+
+[[vmbus.device]]
+type = "fcopy"
+instance = "eb765408-105f-49b6-b4aa-c123b64d17d4"
+
+[[vmbus.device]]
+type = "balloon"
+
+[[vmbus.device]]
+type = "keyboard"
+
+[[vmbus.device]]
+type = "mouse"
+
+[[vmbus.device]]
+type = "framebuffer"
+
+[[vmbus.device]]
+type = "nic"
+
+[[vmbus.device]]
+type = "scsi"
+instance = "f8b3781a-1e82-4818-a1c3-63d806ec15bb"
+"""
+
+
+def default_state_root() -> Path:
+    env = os.environ.get("VBUSFS_STATE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/vbusfs")
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local/state")) / "vbusfs"
+
+
+def load_default() -> Config:
+    return parse(tomllib.loads(DEFAULT_CONFIG), default_state_root(), "<embedded default>")

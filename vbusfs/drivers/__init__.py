@@ -1,0 +1,1 @@
+"""Guest-side bus drivers: they find devices only through bus protocols and publish them."""

@@ -1,0 +1,119 @@
+"""A guest VMBus channel: ring allocation, GPADL, OPENCHANNEL, CLOSECHANNEL, and its state.
+
+Mirrors Linux ``drivers/hv/channel.c`` (``vmbus_open``/``vmbus_close``): the send and receive
+rings are one contiguous allocation described to the host by a GPADL; the receive ring starts
+at ``downstream_ringbuffer_pageoffset``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+from vbusfs.platform.doorbell import Doorbell
+from vbusfs.platform.memory import PAGE_SIZE
+from vbusfs.platform.ring_endpoint import RingEndpoint
+from vbusfs.protocols import vmbus as m
+from vbusfs.protocols.vmbus_ring import Ring, init_ring
+
+if TYPE_CHECKING:
+    from vbusfs.drivers.vmbus import VmbusBus
+
+__all__ = ["ChannelState", "GuestChannel", "OpenError"]
+
+
+class ChannelState(enum.IntEnum):
+    """``enum vmbus_channel_state`` (include/linux/hyperv.h)."""
+
+    OFFER = 0
+    OPENING = 1
+    OPEN = 2       # offered and set up, not opened by a driver
+    OPENED = 3
+
+
+class OpenError(Exception):
+    pass
+
+
+class GuestChannel:
+    def __init__(self, bus: VmbusBus, offer: m.OfferChannel) -> None:
+        self.bus = bus
+        self.offer = offer
+        self.relid = offer.child_relid
+        self.state = ChannelState.OFFER
+        self.target_cpu = 0
+        self.doorbell = Doorbell(f"relid {self.relid}")
+        self.endpoint: RingEndpoint | None = None
+        self.gpadl = 0
+        self._ring_pfn = 0
+        self._ring_pages = 0
+        self.rescinded = False
+
+    @property
+    def sig_event(self) -> int:
+        return self.offer.connection_id
+
+    @property
+    def interrupts(self) -> int:
+        return self.doorbell.count
+
+    async def open(self, send_bytes: int, recv_bytes: int) -> None:
+        """``vmbus_open``: allocate and init both rings, GPADL them, OPENCHANNEL."""
+        if self.state != ChannelState.OPEN:
+            raise OpenError(f"relid {self.relid} is in state {self.state.name}")
+        send_pages, recv_pages = send_bytes // PAGE_SIZE, recv_bytes // PAGE_SIZE
+        total = send_pages + recv_pages
+        mem = self.bus.memory
+        pfn = mem.alloc(total)
+        out_view = mem.view(pfn, send_pages)
+        in_view = mem.view(pfn + send_pages, recv_pages)
+        init_ring(out_view)
+        init_ring(in_view)
+        self.state = ChannelState.OPENING
+        # The interrupt must be routed before OPENCHANNEL: the host may send at once, and a
+        # doorbell keeps the event pending until the channel's pump first waits on it.
+        self.bus.synic.guest_interrupts[self.relid] = self.doorbell
+        try:
+            self.gpadl = await self.bus.create_gpadl(self.relid, list(range(pfn, pfn + total)))
+            openid = self.relid
+            await self.bus.open_channel(m.OpenChannel(self.relid, openid, self.gpadl,
+                                                      self.target_cpu, send_pages))
+        except BaseException:
+            self.bus.synic.guest_interrupts.pop(self.relid, None)
+            self.state = ChannelState.OPEN
+            if self.gpadl:
+                await self.bus.teardown_gpadl(self.relid, self.gpadl)
+                self.gpadl = 0
+            mem.free(pfn, total)
+            raise
+        self._ring_pfn, self._ring_pages = pfn, total
+        synic, conn = self.bus.synic, self.sig_event
+
+        def signal_host() -> None:
+            synic.signal_event(conn)   # vmbus_setevent: HvSignalEvent(sig_event)
+
+        self.endpoint = RingEndpoint(Ring(in_view), Ring(out_view), self.doorbell,
+                                     signal_host, f"guest relid {self.relid}")
+        self.state = ChannelState.OPENED
+
+    async def close(self) -> None:
+        """``vmbus_close``: CLOSECHANNEL, tear the GPADL down, free the rings."""
+        if self.state != ChannelState.OPENED:
+            return
+        self.bus.synic.guest_interrupts.pop(self.relid, None)
+        self.endpoint = None
+        if not self.rescinded:
+            self.bus.post(m.CloseChannel(self.relid).pack())
+            await self.bus.teardown_gpadl(self.relid, self.gpadl)
+        self.gpadl = 0
+        self.bus.memory.free(self._ring_pfn, self._ring_pages)
+        self._ring_pfn = self._ring_pages = 0
+        self.state = ChannelState.OPEN
+
+    def ring(self, direction: str) -> Ring:
+        """The outbound (``out``) or inbound (``in``) ring; EINVAL when not mapped, as Linux's
+        ring attributes do."""
+        ep = self.endpoint
+        if ep is None:
+            raise OSError(22, "ring buffer not mapped")  # EINVAL
+        return ep.tx if direction == "out" else ep.rx

@@ -1,0 +1,254 @@
+"""The FUSE adapter: a thin ``pyfuse3.Operations`` over :class:`vbusfs.sysfs.Tree`.
+
+This is the one place errors become ``FUSEError``: every handler runs under
+:func:`_errors`, which turns ``OSError`` into its errno and anything else into ``EIO`` with
+the traceback logged, so no handler error can end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import inspect
+import logging
+import os
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from vbusfs.sysfs import Attribute, BinAttribute, Directory, Node, Symlink, Tree
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VbusFS"]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Open:
+    node: Node
+    data: bytes | None = None        # text attribute contents, generated at open
+    error: OSError | None = None     # a show() failure, reported by read() as sysfs does
+
+
+class VbusFS(pyfuse3.Operations):
+    """Dynamic files use direct I/O and no attribute caching; the tree shape may be cached
+    for a short time (hotplug invalidates the entries it changes)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, entry_timeout: float = 1.0) -> None:
+        super().__init__()
+        self.tree = tree
+        self.entry_timeout = entry_timeout
+        self._handles: dict[int, _Open] = {}
+        self._dirs: dict[int, list[Node]] = {}
+        self._next_fh = 1
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(node.ino)
+        a.generation = 0
+        a.entry_timeout = self.entry_timeout
+        a.attr_timeout = 0
+        a.st_mode = pyfuse3.ModeT(node.mode)
+        a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values()) \
+            if isinstance(node, Directory) else 1
+        a.st_uid = 0
+        a.st_gid = 0
+        a.st_rdev = 0
+        a.st_size = node.size()
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = node.mtime_ns
+        return a
+
+    @_errors
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.tree.get(parent_inode)
+        if not isinstance(parent, Directory):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if name == b".":
+            node: Node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            child = parent.children.get(os.fsdecode(name))
+            if child is None:
+                raise OSError(errno.ENOENT, "no such entry")
+            node = child
+        self.tree.remember(node.ino)
+        return self.attrs(node)
+
+    @_errors
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.tree.forget(ino, nlookup)
+
+    @_errors
+    async def getattr(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attrs(self.tree.get(inode))
+
+    @_errors
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: pyfuse3.FileHandleT | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.tree.get(inode)
+        if fields.update_size:
+            # O_TRUNC before a write: harmless on a writable attribute, refused otherwise.
+            if not (isinstance(node, Attribute) and node.writable):
+                raise OSError(errno.EACCES, "read-only")
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise OSError(errno.EPERM, "sysfs modes and owners are fixed")
+        return self.attrs(node)
+
+    @_errors
+    async def readlink(self, inode: pyfuse3.InodeT,
+                       ctx: pyfuse3.RequestContext) -> pyfuse3.FileNameT:
+        node = self.tree.get(inode)
+        if not isinstance(node, Symlink):
+            raise OSError(errno.EINVAL, "not a symlink")
+        return pyfuse3.FileNameT(os.fsencode(node.readlink()))
+
+    @_errors
+    async def opendir(self, inode: pyfuse3.InodeT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        node = self.tree.get(inode)
+        if not isinstance(node, Directory):
+            raise OSError(errno.ENOTDIR, "not a directory")
+        fh = self._fh()
+        self._dirs[fh] = list(node.children.values())   # a stable snapshot for offsets
+        return pyfuse3.FileHandleT(fh)
+
+    @_errors
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int,
+                      token: pyfuse3.ReaddirToken) -> None:
+        entries = self._dirs.get(fh)
+        if entries is None:
+            raise OSError(errno.EBADF, "bad directory handle")
+        for i in range(start_id, len(entries)):
+            node = entries[i]
+            if not pyfuse3.readdir_reply(token, pyfuse3.FileNameT(os.fsencode(node.name)),
+                                         self.attrs(node), i + 1):
+                return
+            self.tree.remember(node.ino)
+
+    @_errors
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._dirs.pop(fh, None)
+
+    @_errors
+    async def open(self, inode: pyfuse3.InodeT, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.tree.get(inode)
+        if isinstance(node, Directory):
+            raise OSError(errno.EISDIR, "is a directory")
+        accmode = flags & os.O_ACCMODE
+        wants_read = accmode in (os.O_RDONLY, os.O_RDWR)
+        wants_write = accmode in (os.O_WRONLY, os.O_RDWR)
+        handle = _Open(node)
+        if isinstance(node, Attribute):
+            # kernfs: opening for an access the attribute lacks is EACCES, even for root.
+            if (wants_write and not node.writable) or (wants_read and not node.readable):
+                raise OSError(errno.EACCES, "permission denied")
+            if wants_read:
+                try:
+                    handle.data = node.render()
+                except OSError as e:
+                    handle.error = e
+        elif isinstance(node, BinAttribute):
+            if (wants_write and node.writer is None) or (wants_read and node.reader is None):
+                raise OSError(errno.EACCES, "permission denied")
+        else:
+            raise OSError(errno.EINVAL, "not a regular file")
+        fh = self._fh()
+        self._handles[fh] = handle
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
+
+    def _handle(self, fh: int) -> _Open:
+        h = self._handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return h
+
+    @_errors
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        if isinstance(h.node, BinAttribute):
+            assert h.node.reader is not None
+            if off >= h.node.length:
+                return b""
+            return h.node.reader(off, min(size, h.node.length - off))
+        if h.error is not None:
+            raise h.error
+        if h.data is None:
+            raise OSError(errno.EACCES, "not open for reading")
+        return h.data[off:off + size]
+
+    @_errors
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        node = h.node
+        if isinstance(node, BinAttribute):
+            if node.writer is None:
+                raise OSError(errno.EACCES, "read-only")
+            if off >= node.length:
+                raise OSError(errno.ENOSPC, "past the end of the attribute")
+            return node.writer(off, buf[:node.length - off])
+        assert isinstance(node, Attribute)
+        result = node.write(bytes(buf))
+        if inspect.isawaitable(result):
+            await result
+        return len(buf)
+
+    @_errors
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self._handles.pop(fh, None)
+
+    @_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    def invalidate(self, directory: Directory, name: str) -> None:
+        """Tell the kernel a cached entry changed (hotplug)."""
+        try:
+            pyfuse3.invalidate_entry_async(pyfuse3.InodeT(directory.ino),
+                                           pyfuse3.FileNameT(os.fsencode(name)))
+        except Exception:  # not mounted (unit tests) or already gone
+            pass
+
+

@@ -1,0 +1,1 @@
+"""The emulated hardware both halves share: guest memory, doorbells, the SynIC message port."""

@@ -1,0 +1,85 @@
+"""Guest physical memory: one anonymous mmap of 4 KiB frames, with a frame allocator.
+
+The guest side allocates frames (ring buffers, monitor pages) and hands their frame numbers
+(PFNs) to the host side through bus protocols; the host side reaches them only through
+:meth:`GuestMemory.view`, which checks bounds. Pages are lazily backed by the kernel, so a
+large guest costs only what is touched.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+__all__ = ["PAGE_SIZE", "GuestMemory", "MemoryError_"]
+
+PAGE_SIZE = 4096
+
+
+class MemoryError_(Exception):  # noqa: N801 - not the builtin MemoryError
+    """A guest-physical access outside guest memory, or the allocator ran out of frames."""
+
+
+class GuestMemory:
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest memory size {size} is not a positive multiple of 4 KiB")
+        self.nr_frames = size // PAGE_SIZE
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._mem = memoryview(self._map)
+        # Free extents as (start_pfn, count), kept sorted; frame 0 is never handed out so
+        # that a zero PFN from the other side is always an error.
+        self._free: list[tuple[int, int]] = [(1, self.nr_frames - 1)]
+
+    @property
+    def size(self) -> int:
+        return self.nr_frames * PAGE_SIZE
+
+    def alloc(self, count: int) -> int:
+        """Allocate ``count`` physically contiguous frames; returns the first PFN."""
+        if count <= 0:
+            raise ValueError("frame count must be positive")
+        for i, (start, n) in enumerate(self._free):
+            if n >= count:
+                if n == count:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + count, n - count)
+                self._mem[start * PAGE_SIZE:(start + count) * PAGE_SIZE] = bytes(
+                    count * PAGE_SIZE)
+                return start
+        raise MemoryError_(f"no {count} contiguous free frames in guest memory")
+
+    def free(self, pfn: int, count: int) -> None:
+        self._check(pfn, count)
+        self._free.append((pfn, count))
+        self._free.sort()
+        merged: list[tuple[int, int]] = []
+        for start, n in self._free:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((start, n))
+        self._free = merged
+
+    def free_frames(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def _check(self, pfn: int, count: int) -> None:
+        if pfn < 0 or count <= 0 or pfn + count > self.nr_frames:
+            raise MemoryError_(f"frames {pfn}..{pfn + count - 1} are outside guest memory "
+                               f"({self.nr_frames} frames)")
+
+    def view(self, pfn: int, count: int = 1) -> memoryview:
+        """A writable view of ``count`` contiguous frames starting at ``pfn``."""
+        self._check(pfn, count)
+        return self._mem[pfn * PAGE_SIZE:(pfn + count) * PAGE_SIZE]
+
+    def gpa_view(self, gpa: int, length: int) -> memoryview:
+        """A view of ``length`` bytes at guest-physical address ``gpa``."""
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise MemoryError_(f"GPA range {gpa:#x}+{length:#x} is outside guest memory")
+        return self._mem[gpa:gpa + length]
+
+    def close(self) -> None:
+        self._mem.release()
+        self._map.close()

@@ -1,0 +1,1 @@
+"""Pure wire formats and constants: no I/O, no state beyond the bytes handed in."""

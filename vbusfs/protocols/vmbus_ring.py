@@ -1,0 +1,225 @@
+"""The VMBus ring buffer (``struct hv_ring_buffer``) and its packet framing.
+
+One ring per direction: a 4 KiB header page (``write_index`` @0, ``read_index`` @4,
+``interrupt_mask`` @8, ``pending_send_sz`` @12, ``feature_bits`` @64) followed by the data
+area. Packets are a 16-byte ``vmpacket_descriptor``, the payload padded to 8 bytes, and an
+8-byte trailer holding the writer's previous start index (reference/protocols.md §3.1–3.2).
+
+The functions here operate on a shared ``memoryview`` and treat every index found in it as
+untrusted: a ring whose indices or packet lengths are impossible raises :class:`RingError`
+instead of reading outside the data area. Signalling follows Linux ``ring_buffer.c``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+__all__ = [
+    "PAGE_SIZE", "RingError", "PacketType", "PACKET_DESCRIPTOR", "COMPLETION_REQUESTED",
+    "Packet", "Ring", "init_ring",
+]
+
+PAGE_SIZE = 4096
+_U32 = struct.Struct("<I")
+PACKET_DESCRIPTOR = struct.Struct("<HHHHQ")  # type, offset8, len8, flags, trans_id
+_TRAILER = struct.Struct("<Q")
+WRITE_INDEX, READ_INDEX, INTERRUPT_MASK, PENDING_SEND_SZ, FEATURE_BITS = 0, 4, 8, 12, 64
+FEAT_PENDING_SEND_SZ = 1
+COMPLETION_REQUESTED = 1  # VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED
+
+
+class RingError(Exception):
+    """The other side left the ring in a state no correct peer can produce."""
+
+
+class PacketType(enum.IntEnum):
+    INVALID = 0x0
+    SYNCH = 0x1
+    ADD_XFER_PAGESET = 0x2
+    RM_XFER_PAGESET = 0x3
+    ESTABLISH_GPADL = 0x4
+    TEARDOWN_GPADL = 0x5
+    DATA_INBAND = 0x6
+    DATA_USING_XFER_PAGES = 0x7
+    DATA_USING_GPADL = 0x8
+    DATA_USING_GPA_DIRECT = 0x9
+    CANCEL_REQUEST = 0xA
+    COMP = 0xB
+    DATA_USING_ADDITIONAL_PKT = 0xC
+    ADDITIONAL_DATA = 0xD
+
+
+@dataclass(frozen=True)
+class Packet:
+    type: int
+    flags: int
+    trans_id: int
+    header: bytes   # descriptor bytes past the 16-byte vmpacket_descriptor (offset8*8 - 16)
+    payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
+
+
+def init_ring(view: memoryview) -> None:
+    """What the guest does before creating the GPADL: zero the header, set feat_pending_send_sz."""
+    view[:PAGE_SIZE] = bytes(PAGE_SIZE)
+    _U32.pack_into(view, FEATURE_BITS, FEAT_PENDING_SEND_SZ)
+
+
+class Ring:
+    """One direction of a channel, seen by one side (the producer or the consumer).
+
+    Only the producer calls :meth:`write`; only the consumer calls :meth:`read` and
+    :meth:`commit_read`. The producer-private and consumer-private indices are kept here, so
+    both halves of an emulation each hold their own ``Ring`` over the same memory.
+    """
+
+    __slots__ = ("view", "dsize", "priv_read_index", "_batch_start", "out_full_flag")
+
+    def __init__(self, view: memoryview) -> None:
+        if len(view) < 2 * PAGE_SIZE or len(view) % PAGE_SIZE:
+            raise RingError(f"ring of {len(view)} bytes: needs a header page and data pages")
+        self.view = view
+        self.dsize = len(view) - PAGE_SIZE
+        self.priv_read_index: int | None = None
+        self._batch_start = 0
+        self.out_full_flag = False
+
+    # -- header fields -------------------------------------------------------------------
+    def _get(self, off: int) -> int:
+        return int(_U32.unpack_from(self.view, off)[0])
+
+    def _set(self, off: int, value: int) -> None:
+        _U32.pack_into(self.view, off, value)
+
+    @property
+    def write_index(self) -> int:
+        return self._get(WRITE_INDEX)
+
+    @property
+    def read_index(self) -> int:
+        return self._get(READ_INDEX)
+
+    @property
+    def interrupt_mask(self) -> int:
+        return self._get(INTERRUPT_MASK)
+
+    @interrupt_mask.setter
+    def interrupt_mask(self, value: int) -> None:
+        self._set(INTERRUPT_MASK, value)
+
+    @property
+    def pending_send_sz(self) -> int:
+        return self._get(PENDING_SEND_SZ)
+
+    @pending_send_sz.setter
+    def pending_send_sz(self, value: int) -> None:
+        self._set(PENDING_SEND_SZ, value)
+
+    @property
+    def feature_bits(self) -> int:
+        return self._get(FEATURE_BITS)
+
+    def _indices(self) -> tuple[int, int]:
+        w, r = self.write_index, self.read_index
+        if w >= self.dsize or r >= self.dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {self.dsize}")
+        return w, r
+
+    # -- space accounting (hv_get_bytes_to_read / hv_get_bytes_to_write) ----------------
+    def bytes_to_read(self) -> int:
+        w, r = self._indices()
+        return w - r if w >= r else self.dsize - r + w
+
+    def bytes_to_write(self) -> int:
+        w, r = self._indices()
+        return self.dsize - (w - r) if w >= r else r - w
+
+    # -- data area helpers ---------------------------------------------------------------
+    def _copy_in(self, pos: int, data: bytes) -> int:
+        n = len(data)
+        first = min(n, self.dsize - pos)
+        base = PAGE_SIZE + pos
+        self.view[base:base + first] = data[:first]
+        if first < n:
+            self.view[PAGE_SIZE:PAGE_SIZE + n - first] = data[first:]
+        return (pos + n) % self.dsize
+
+    def _copy_out(self, pos: int, n: int) -> bytes:
+        first = min(n, self.dsize - pos)
+        base = PAGE_SIZE + pos
+        out = bytes(self.view[base:base + first])
+        if first < n:
+            out += bytes(self.view[PAGE_SIZE:PAGE_SIZE + n - first])
+        return out
+
+    # -- producer --------------------------------------------------------------------------
+    def write(self, ptype: int, flags: int, trans_id: int, payload: bytes,
+              header: bytes = b"") -> tuple[bool, bool]:
+        """Write one packet. Returns ``(written, signal)``.
+
+        ``written`` is False when the ring has no room (the writer must never fill it
+        exactly: ``r == w`` means empty); ``signal`` says whether the consumer must be
+        interrupted (it had masked nothing and the ring was empty before this packet).
+        """
+        if len(header) % 8:
+            raise ValueError("descriptor extension must be a multiple of 8 bytes")
+        offset8 = (PACKET_DESCRIPTOR.size + len(header)) // 8
+        len8 = (offset8 * 8 + len(payload) + 7) // 8
+        if len8 > 0xFFFF:
+            raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
+        total = len8 * 8 + _TRAILER.size
+        if self.bytes_to_write() <= total:
+            return False, False
+        old_write, _ = self._indices()
+        pad = len8 * 8 - offset8 * 8 - len(payload)
+        data = (PACKET_DESCRIPTOR.pack(ptype, offset8, len8, flags, trans_id) + header + payload
+                + bytes(pad) + _TRAILER.pack(old_write << 32))
+        new_write = self._copy_in(old_write, data)
+        self._set(WRITE_INDEX, new_write)
+        signal = self.interrupt_mask == 0 and old_write == self.read_index
+        return True, signal
+
+    # -- consumer --------------------------------------------------------------------------
+    def read(self) -> Packet | None:
+        """The next packet, or None when the ring is empty. Nothing is published until
+        :meth:`commit_read`."""
+        w, r = self._indices()
+        if self.priv_read_index is None:
+            self.priv_read_index = r
+            self._batch_start = r
+        pos = self.priv_read_index
+        avail = w - pos if w >= pos else self.dsize - pos + w
+        if avail == 0:
+            return None
+        if avail < PACKET_DESCRIPTOR.size + _TRAILER.size:
+            raise RingError(f"{avail} bytes in ring: less than a packet")
+        ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
+            self._copy_out(pos, PACKET_DESCRIPTOR.size))
+        plen = len8 * 8
+        if offset8 * 8 < PACKET_DESCRIPTOR.size or offset8 > len8 or plen + 8 > avail:
+            raise RingError(f"bad packet at {pos}: offset8 {offset8}, len8 {len8}, "
+                            f"{avail} bytes available")
+        body = self._copy_out(pos, plen)
+        self.priv_read_index = (pos + plen + _TRAILER.size) % self.dsize
+        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:offset8 * 8],
+                      body[offset8 * 8:])
+
+    def commit_read(self) -> bool:
+        """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer
+        was blocked on ``pending_send_sz`` and now has room: it must be signalled."""
+        if self.priv_read_index is None:
+            return False
+        start = self._batch_start
+        self._set(READ_INDEX, self.priv_read_index)
+        self.priv_read_index = None
+        if not self.feature_bits & FEAT_PENDING_SEND_SZ:
+            return False
+        pending = self.pending_send_sz
+        if not pending:
+            return False
+        cur_free = self.bytes_to_write()
+        done = (self.read_index - start) % self.dsize
+        if cur_free - done > pending:   # it was not blocked before this read
+            return False
+        return cur_free > pending

@@ -1,0 +1,304 @@
+"""Tree nodes: directories, text attributes, binary attributes, symlinks.
+
+Rules kept here (reference/sysfs.md §0, design.md §3):
+
+* a text attribute is generated when opened (:meth:`Attribute.render`), reports ``st_size``
+  4096 and has the Linux mode (0444, 0644, 0200); a ``show`` that fails raises ``OSError``
+  with the errno a read must return;
+* a bad value given to ``store`` raises ``OSError(EINVAL)`` and must change nothing;
+* symlinks are stored as target *nodes* and rendered as relative paths at readlink time, so
+  they always resolve inside the mount;
+* inode numbers are allocated when a node is attached and never reused while the mount
+  lives; a detached node stays resolvable by inode until the kernel forgets it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+__all__ = [
+    "ATTR_SIZE", "Node", "Directory", "Attribute", "BinAttribute", "Symlink", "Tree",
+    "relpath_between",
+]
+
+#: st_size of every text attribute (PAGE_SIZE; fs/sysfs/file.c)
+ATTR_SIZE = 4096
+ROOT_INODE = 1
+
+
+class Node:
+    __slots__ = ("name", "parent", "ino", "tree", "mtime_ns")
+
+    kind: int = 0  # stat.S_IF*
+
+    def __init__(self, name: str) -> None:
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"bad node name {name!r}")
+        self.name = name
+        self.parent: Directory | None = None
+        self.ino = 0
+        self.tree: Tree | None = None
+        self.mtime_ns = time.time_ns()
+
+    @property
+    def mode(self) -> int:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        return 0
+
+    def path(self) -> str:
+        """Absolute path inside the mount, e.g. ``/sys/bus/vmbus``."""
+        parts: list[str] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/" + "/".join(reversed(parts))
+
+    def walk(self) -> Iterator[Node]:
+        yield self
+
+
+class Directory(Node):
+    __slots__ = ("children", "perm")
+    kind = stat.S_IFDIR
+
+    def __init__(self, name: str, perm: int = 0o755) -> None:
+        super().__init__(name)
+        self.children: dict[str, Node] = {}
+        self.perm = perm
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFDIR | self.perm
+
+    def add(self, node: Node) -> Node:
+        if node.name in self.children:
+            raise FileExistsError(errno.EEXIST, f"{self.path()}/{node.name} already exists")
+        node.parent = self
+        self.children[node.name] = node
+        if self.tree is not None:
+            self.tree.attach(node)
+        self.mtime_ns = time.time_ns()
+        return node
+
+    def mkdir(self, name: str, perm: int = 0o755) -> Directory:
+        node = Directory(name, perm)
+        self.add(node)
+        return node
+
+    def dir(self, name: str) -> Directory:
+        """The existing subdirectory ``name``, created if missing."""
+        node = self.children.get(name)
+        if node is None:
+            return self.mkdir(name)
+        if not isinstance(node, Directory):
+            raise NotADirectoryError(errno.ENOTDIR, f"{node.path()} is not a directory")
+        return node
+
+    def makedirs(self, relpath: str) -> Directory:
+        d: Directory = self
+        for part in relpath.strip("/").split("/"):
+            if part:
+                d = d.dir(part)
+        return d
+
+    def remove(self, name: str) -> Node:
+        node = self.children.pop(name)
+        if self.tree is not None:
+            self.tree.detach(node)
+        node.parent = None
+        self.mtime_ns = time.time_ns()
+        return node
+
+    def resolve(self, relpath: str) -> Node:
+        """Follow a slash-separated path of child names (no symlinks, no ``..``)."""
+        node: Node = self
+        for part in relpath.strip("/").split("/"):
+            if not part:
+                continue
+            if not isinstance(node, Directory) or part not in node.children:
+                raise FileNotFoundError(errno.ENOENT, f"{self.path()}/{relpath}")
+            node = node.children[part]
+        return node
+
+    def walk(self) -> Iterator[Node]:
+        yield self
+        for child in list(self.children.values()):
+            yield from child.walk()
+
+
+Show = Callable[[], str]
+#: A store may be synchronous or return an awaitable (a bus operation such as unbind that
+#: needs protocol round trips); the FUSE layer awaits it before answering the write.
+Store = Callable[[str], "Awaitable[None] | None"]
+
+
+class Attribute(Node):
+    """A text attribute. ``show`` returns the whole text (newline included)."""
+
+    __slots__ = ("show", "store", "perm")
+    kind = stat.S_IFREG
+
+    def __init__(self, name: str, show: Show | None, store: Store | None = None,
+                 perm: int | None = None) -> None:
+        super().__init__(name)
+        if show is None and store is None:
+            raise ValueError(f"attribute {name} can neither be read nor written")
+        self.show = show
+        self.store = store
+        if perm is None:
+            perm = (0o444 if show else 0) | (0o200 if store else 0)
+        self.perm = perm
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | self.perm
+
+    def size(self) -> int:
+        return ATTR_SIZE
+
+    @property
+    def readable(self) -> bool:
+        return self.show is not None
+
+    @property
+    def writable(self) -> bool:
+        return self.store is not None
+
+    def render(self) -> bytes:
+        """The text a reader sees; raises OSError(errno) when ``show`` fails."""
+        if self.show is None:
+            raise PermissionError(errno.EACCES, f"{self.path()} is write-only")
+        return self.show().encode()
+
+    def write(self, data: bytes) -> Awaitable[None] | None:
+        """Hand ``data`` to ``store``; the result may need awaiting (see :data:`Store`)."""
+        if self.store is None:
+            raise PermissionError(errno.EACCES, f"{self.path()} is read-only")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise OSError(errno.EINVAL, "value is not valid UTF-8") from None
+        return self.store(text)
+
+
+class BinAttribute(Node):
+    """A binary attribute with a real size that honours offsets (e.g. PCI ``config``)."""
+
+    __slots__ = ("length", "reader", "writer", "perm")
+    kind = stat.S_IFREG
+
+    def __init__(self, name: str, length: int, reader: Callable[[int, int], bytes] | None,
+                 writer: Callable[[int, bytes], int] | None = None,
+                 perm: int | None = None) -> None:
+        super().__init__(name)
+        self.length = length
+        self.reader = reader
+        self.writer = writer
+        if perm is None:
+            perm = (0o444 if reader else 0) | (0o200 if writer else 0)
+        self.perm = perm
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | self.perm
+
+    def size(self) -> int:
+        return self.length
+
+
+class Symlink(Node):
+    """A symlink to another node; rendered relative to this link's directory."""
+
+    __slots__ = ("target",)
+    kind = stat.S_IFLNK
+
+    def __init__(self, name: str, target: Node) -> None:
+        super().__init__(name)
+        self.target = target
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFLNK | 0o777
+
+    def readlink(self) -> str:
+        if self.parent is None:
+            raise FileNotFoundError(errno.ENOENT, "detached symlink")
+        if self.target.tree is None:
+            # The target went away (hot-unplug): a dangling link, as in Linux.
+            raise FileNotFoundError(errno.ENOENT, f"{self.path()}: target removed")
+        return relpath_between(self.parent, self.target)
+
+    def size(self) -> int:
+        try:
+            return len(self.readlink().encode())
+        except OSError:
+            return 0
+
+
+def relpath_between(start: Directory, target: Node) -> str:
+    return os.path.relpath(target.path(), start.path())
+
+
+class Tree:
+    """The whole mounted tree: the root directory and the inode table."""
+
+    def __init__(self) -> None:
+        self.root = Directory("root")
+        self.root.ino = ROOT_INODE
+        self.root.tree = self
+        self._inodes: dict[int, Node] = {ROOT_INODE: self.root}
+        self._next_ino = ROOT_INODE + 1
+        self._lookups: dict[int, int] = {}
+        self._detached: dict[int, Node] = {}
+
+    def attach(self, node: Node) -> None:
+        for n in node.walk():
+            n.tree = self
+            if n.ino == 0:
+                n.ino = self._next_ino
+                self._next_ino += 1
+            self._inodes[n.ino] = n
+
+    def detach(self, node: Node) -> None:
+        for n in node.walk():
+            self._inodes.pop(n.ino, None)
+            n.tree = None
+            if self._lookups.get(n.ino):
+                self._detached[n.ino] = n   # the kernel still holds it; keep until forget
+
+    def get(self, ino: int) -> Node:
+        node = self._inodes.get(ino) or self._detached.get(ino)
+        if node is None:
+            raise FileNotFoundError(errno.ENOENT, f"no inode {ino}")
+        return node
+
+    def is_live(self, node: Node) -> bool:
+        return node.tree is self
+
+    # kernel lookup counts (FUSE lookup/forget)
+    def remember(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        left = self._lookups.get(ino, 0) - nlookup
+        if left > 0:
+            self._lookups[ino] = left
+        else:
+            self._lookups.pop(ino, None)
+            self._detached.pop(ino, None)
+
+    def lookup_count(self, ino: int) -> int:
+        return self._lookups.get(ino, 0)
+
+    def resolve(self, path: str) -> Node:
+        return self.root.resolve(path)
+
+    def __len__(self) -> int:
+        return len(self._inodes)

@@ -246,7 +246,7 @@ def _status(args: argparse.Namespace) -> int:
     table = rows if args.no_legend else [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))] if table else []
     for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return EXIT_OK
 
 
@@ -308,7 +308,7 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     if args.f:   # fake mount
         return EXIT_OK
     up = ["up", "-d"] + ([] if args.config == "default" else ["-c", args.config])
-    return main(up + [args.mountpoint])
+    return main([*up, args.mountpoint])
 
 
 if __name__ == "__main__":

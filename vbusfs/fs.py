@@ -12,7 +12,6 @@ import functools
 import inspect
 import logging
 import os
-
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -184,6 +183,9 @@ class VbusFS(pyfuse3.Operations):
                     handle.data = node.render()
                 except OSError as e:
                     handle.error = e
+                except Exception:
+                    log.exception("%s: show failed", node.path())
+                    handle.error = OSError(errno.EIO, "attribute show failed")
         elif isinstance(node, BinAttribute):
             if (wants_write and node.writer is None) or (wants_read and node.reader is None):
                 raise OSError(errno.EACCES, "permission denied")

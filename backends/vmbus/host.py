@@ -215,8 +215,10 @@ class VmbusHost:
         mp = m.MONITOR_PAGE
         for gpa in self._monitor_pages:
             page = self.memory.gpa_view(gpa, PAGE_SIZE)
-            page[mp.parameter_offset(chan.monitorid):][:4] = chan.connection_id.to_bytes(4, "little")
-            page[mp.latency_offset(chan.monitorid):][:2] = MONITOR_LATENCY.to_bytes(2, "little")
+            conn = mp.parameter_offset(chan.monitorid)
+            page[conn:conn + 4] = chan.connection_id.to_bytes(4, "little")
+            lat = mp.latency_offset(chan.monitorid)
+            page[lat:lat + 2] = MONITOR_LATENCY.to_bytes(2, "little")
 
     async def _on_unload(self, buf: bytes) -> None:
         for chan in self.channels.values():
@@ -315,7 +317,7 @@ class VmbusHost:
         elif not 2 <= req.downstream_ringbuffer_pageoffset <= g.total_pfns - 2:
             problem = f"ring split at page {req.downstream_ringbuffer_pageoffset} of " \
                       f"{g.total_pfns}: each ring needs a header and a data page"
-        elif any(b - a != 1 for a, b in zip(g.pfns, g.pfns[1:])):
+        elif any(b - a != 1 for a, b in zip(g.pfns, g.pfns[1:], strict=False)):
             problem = "ring pages are not contiguous (this host maps rings as one extent)"
         if problem is None:
             assert chan is not None and g is not None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import trio
 
+from vbusfs.drivers import vmbus_sysfs
 from vbusfs.drivers.hv_utils import SERVICE_VERSIONS, UtilService
 from vbusfs.drivers.vmbus_channel import ChannelState, GuestChannel, OpenError
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
@@ -81,11 +82,11 @@ class VmbusDevice:
     """One ``struct hv_device``: the offer, its primary channel, its sysfs directory."""
 
     def __init__(self, bus: VmbusBus, offer: m.OfferChannel) -> None:
-        self.bus = bus
-        self.offer = offer
-        self.name = guid_text(offer.if_instance)
-        self.device_class = m.class_by_guid(offer.if_type)
-        self.channel = GuestChannel(bus, offer)
+        self.bus: VmbusBus = bus
+        self.offer: m.OfferChannel = offer
+        self.name: str = guid_text(offer.if_instance)
+        self.device_class: m.DeviceClass | None = m.class_by_guid(offer.if_type)
+        self.channel: GuestChannel = GuestChannel(bus, offer)
         self.driver_override: str | None = None
         self.driver: str | None = None
         self.dir: Directory | None = None
@@ -128,9 +129,7 @@ class VmbusBus:
         self._nursery: trio.Nursery | None = None
         self.parent = tree.root.makedirs(VMBUS_PARENT)
         self.sysfs = Bus(tree, "vmbus")
-        from vbusfs.drivers import vmbus_sysfs  # the attribute tables for this bus
-        self._sysfs = vmbus_sysfs
-        vmbus_sysfs.add_bus_files(self)
+        vmbus_sysfs.add_bus_files(self, GUEST_DRIVERS)
         self.sysfs.match_hook = self._match
         self.sysfs.bind_hook = self._bind_by_name
         self.sysfs.unbind_hook = self._unbind_by_name
@@ -196,7 +195,17 @@ class VmbusBus:
 
     # -- connection ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect and enumerate; ``started`` once every matched driver has opened its channel."""
+        """Connect and enumerate; ``started`` once every matched driver has opened its channel.
+
+        A failure to connect (no common version, no answer) is raised as the plain OSError."""
+        try:
+            await self._run(task_status)
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._receive_loop)
@@ -311,8 +320,8 @@ class VmbusBus:
         dev.channel.state = ChannelState.OPEN
         self.devices[relid] = dev
         dev.dir = self.parent.mkdir(dev.name)
-        self.sysfs.add_device(dev.dir, lambda: self._sysfs.uevent(dev))
-        self._sysfs.add_device_files(dev)
+        self.sysfs.add_device(dev.dir, lambda: vmbus_sysfs.uevent(dev))
+        vmbus_sysfs.add_device_files(dev)
         if self._offers_done.is_set() and self.sysfs.autoprobe and self._nursery is not None:
             self._nursery.start_soon(self._probe, dev)   # hot-added
 

@@ -37,11 +37,11 @@ class OpenError(Exception):
 
 class GuestChannel:
     def __init__(self, bus: VmbusBus, offer: m.OfferChannel) -> None:
-        self.bus = bus
-        self.offer = offer
-        self.relid = offer.child_relid
-        self.state = ChannelState.OFFER
-        self.target_cpu = 0
+        self.bus: VmbusBus = bus
+        self.offer: m.OfferChannel = offer
+        self.relid: int = offer.child_relid
+        self.state: ChannelState = ChannelState.OFFER
+        self.target_cpu: int = 0
         self.doorbell = Doorbell(f"relid {self.relid}")
         self.endpoint: RingEndpoint | None = None
         self.gpadl = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from vbusfs.protocols import vmbus as m
@@ -170,10 +170,10 @@ def _dynid_store(bus: VmbusBus, driver: str, add: bool) -> Callable[[str], None]
     return store
 
 
-def add_bus_files(bus: VmbusBus) -> None:
-    from vbusfs.drivers.vmbus import GUEST_DRIVERS
+def add_bus_files(bus: VmbusBus, drivers: Iterable[str]) -> None:
+    """``/sys/bus/vmbus/hibernation`` and each driver's ``new_id``/``remove_id``."""
     bus.sysfs.dir.add(Attribute("hibernation", lambda: "0\n"))
-    for name in GUEST_DRIVERS:
+    for name in drivers:
         drv = bus.sysfs.driver(name)
         drv.dir.add(Attribute("new_id", None, _dynid_store(bus, name, True)))
         drv.dir.add(Attribute("remove_id", None, _dynid_store(bus, name, False)))

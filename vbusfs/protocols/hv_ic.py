@@ -87,7 +87,7 @@ def parse_versions(payload: bytes) -> tuple[list[tuple[int, int]], list[tuple[in
     if fcount > 100 or mcount > 100 or base + 4 * (fcount + mcount) > len(payload):
         raise ValueError("negotiate message with impossible version counts")
     vers = [struct.unpack_from("<HH", payload, base + 4 * i) for i in range(fcount + mcount)]
-    return [tuple(v) for v in vers[:fcount]], [tuple(v) for v in vers[fcount:]]  # type: ignore[misc]
+    return [tuple(v) for v in vers[:fcount]], [tuple(v) for v in vers[fcount:]]
 
 
 def guest_negotiate(payload: bytes, fw_pref: list[tuple[int, int]],

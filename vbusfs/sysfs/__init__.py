@@ -6,7 +6,13 @@ block layer can publish into it (as Linux drivers call into kernfs) without cycl
 
 from vbusfs.sysfs.attrs import Attr, Group, add_group
 from vbusfs.sysfs.nodes import (
-    Attribute, BinAttribute, Directory, Node, Symlink, Tree, relpath_between,
+    Attribute,
+    BinAttribute,
+    Directory,
+    Node,
+    Symlink,
+    Tree,
+    relpath_between,
 )
 
 __all__ = [

@@ -1,0 +1,109 @@
+"""The FUSE adapter's handlers called directly (no mount): errno mapping and file semantics."""
+
+import errno
+import os
+
+import pyfuse3
+import pytest
+
+from vbusfs.fs import VbusFS
+from vbusfs.sysfs import Attribute, Tree
+
+CTX = None  # handlers never look at the request context
+
+
+def build() -> tuple[VbusFS, Tree, dict[str, str]]:
+    t = Tree()
+    d = t.root.makedirs("sys/x")
+    state = {"v": "a"}
+
+    def store(text: str) -> None:
+        if text.strip() not in ("a", "b"):
+            raise OSError(errno.EINVAL, "bad")
+        state["v"] = text.strip()
+
+    d.add(Attribute("ro", lambda: "1\n"))
+    d.add(Attribute("rw", lambda: state["v"] + "\n", store))
+    d.add(Attribute("boom", lambda: 1 // 0 and ""))   # a bug in a show function
+    d.add(Attribute("gone", lambda: (_ for _ in ()).throw(OSError(errno.ENODEV, "x"))))
+    for i in range(50):
+        d.add(Attribute(f"f{i:02}", lambda: "\n"))
+    return VbusFS(t), t, state
+
+
+async def lookup(fs: VbusFS, path: str) -> pyfuse3.EntryAttributes:
+    ino = pyfuse3.ROOT_INODE
+    attr = None
+    for part in path.split("/"):
+        attr = await fs.lookup(ino, part.encode(), CTX)  # type: ignore[arg-type]
+        ino = attr.st_ino
+    assert attr is not None
+    return attr
+
+
+async def errno_of(coro: object) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await coro  # type: ignore[misc]
+    return e.value.errno
+
+
+async def test_lookup_missing_is_enoent() -> None:
+    fs, _, _ = build()
+    assert await errno_of(lookup(fs, "sys/nope")) == errno.ENOENT
+
+
+async def test_read_and_generated_at_open() -> None:
+    fs, _, state = build()
+    a = await lookup(fs, "sys/x/rw")
+    assert a.st_size == 4096 and a.st_mode & 0o777 == 0o644
+    fi = await fs.open(a.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    state["v"] = "b"                                 # a change after open is not seen
+    assert await fs.read(fi.fh, 0, 4096) == b"a\n"
+    assert await fs.read(fi.fh, 1, 10) == b"\n" and await fs.read(fi.fh, 2, 10) == b""
+    assert fi.direct_io
+
+
+async def test_write_rules() -> None:
+    fs, _, state = build()
+    ro = await lookup(fs, "sys/x/ro")
+    assert await errno_of(fs.open(ro.st_ino, os.O_WRONLY, CTX)) == errno.EACCES  # type: ignore[arg-type]
+    rw = await lookup(fs, "sys/x/rw")
+    fi = await fs.open(rw.st_ino, os.O_WRONLY, CTX)  # type: ignore[arg-type]
+    assert await errno_of(fs.write(fi.fh, 0, b"zzz\n")) == errno.EINVAL
+    assert state["v"] == "a"
+    assert await fs.write(fi.fh, 0, b"b\n") == 2 and state["v"] == "b"
+
+
+async def test_show_errors_reach_read_and_bugs_become_eio() -> None:
+    fs, _, _ = build()
+    gone = await lookup(fs, "sys/x/gone")
+    fi = await fs.open(gone.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    assert await errno_of(fs.read(fi.fh, 0, 4096)) == errno.ENODEV
+    boom = await lookup(fs, "sys/x/boom")
+    fi = await fs.open(boom.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    assert await errno_of(fs.read(fi.fh, 0, 4096)) == errno.EIO
+
+
+async def test_readdir_offsets_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, _, _ = build()
+    d = await lookup(fs, "sys/x")
+    fh = await fs.opendir(d.st_ino, CTX)  # type: ignore[arg-type]
+    seen: list[tuple[bytes, int]] = []
+
+    def reply(token: object, name: bytes, attr: object, next_id: int) -> bool:
+        seen.append((name, next_id))
+        return len(seen) % 7 != 0          # the kernel buffer fills every 7 entries
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    names: list[bytes] = []
+    start = 0
+    while True:
+        before = len(seen)
+        await fs.readdir(fh, start, None)  # type: ignore[arg-type]
+        batch = seen[before:]
+        if not batch:
+            break
+        accepted = batch if len(seen) % 7 else batch[:-1]
+        names += [n for n, _ in accepted]
+        start = accepted[-1][1] if accepted else batch[-1][1] - 1
+    assert len(names) == 54 and len(set(names)) == 54

@@ -1,0 +1,113 @@
+"""mountctl's command line: exit codes, refusals, mount -t vbusfs, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mountctl.mounts import mount_fstype
+from tests.conftest import ROOT, mount_unavailable, mountctl
+
+needs_mount = pytest.mark.skipif(mount_unavailable() is not None,
+                                 reason=str(mount_unavailable()))
+
+
+def test_help_on_every_verb() -> None:
+    for verb in ([], ["up"], ["down"], ["status"]):
+        out = mountctl(*verb, "--help")
+        assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_bad_usage_exits_2() -> None:
+    assert mountctl("frobnicate").returncode == 2
+    assert mountctl("up").returncode == 2
+
+
+def test_bad_config_exits_2_and_mounts_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[machine]\nname = "x"\n[[vmbus.device]]\ntype = "nic"\ninstance = "nope"\n')
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    out = mountctl("up", "-c", str(cfg), str(mnt))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"mountctl: {cfg}: vmbus.device[0].instance: not a GUID")
+    assert "Traceback" not in out.stderr
+    assert mount_fstype(str(mnt)) is None
+
+
+def test_refuses_non_empty_and_missing_mountpoint(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = mountctl("up", str(tmp_path))
+    assert out.returncode == 2 and "is not empty" in out.stderr
+    out = mountctl("up", str(tmp_path / "absent"))
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_down_refuses_what_is_not_vbusfs(tmp_path: Path) -> None:
+    out = mountctl("down", str(tmp_path))
+    assert out.returncode == 2 and "not a mount point" in out.stderr
+    out = mountctl("down", "/proc")
+    assert out.returncode == 2 and "not a vbusfs mount (it is proc)" in out.stderr
+
+
+@needs_mount
+def test_refuses_already_mounted(tmp_path: Path, state_env: dict[str, str]) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    mountctl("up", "-d", str(mnt), env=state_env, check=True)
+    try:
+        out = mountctl("up", "-d", str(mnt), env=state_env)
+        assert out.returncode == 2 and "already a mount point (fuse.vbusfs)" in out.stderr
+    finally:
+        assert mountctl("down", str(mnt), env=state_env).returncode == 0
+    assert mount_fstype(str(mnt)) is None
+
+
+@needs_mount
+def test_foreground_ctrl_c_unmounts(tmp_path: Path, state_env: dict[str, str]) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "mountctl", "up", str(mnt)], cwd=ROOT,
+                            env=state_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "mounted on" in line, line + proc.stderr.read() if proc.stderr else ""
+    assert (mnt / "sys/bus/vmbus/devices").is_dir()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    assert mount_fstype(str(mnt)) is None and list(mnt.iterdir()) == []
+
+
+@needs_mount
+@pytest.mark.skipif(shutil.which("mount") is None, reason="util-linux mount not installed")
+def test_mount_t_vbusfs(tmp_path: Path, state_env: dict[str, str]) -> None:
+    helper = Path(sys.executable).parent / "mount.vbusfs"
+    if not os.path.exists("/sbin/mount.vbusfs") or \
+            os.path.realpath("/sbin/mount.vbusfs") != os.path.realpath(helper):
+        pytest.skip("/sbin/mount.vbusfs is not this checkout's helper; run .ci/setup")
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nname = "tiny"\nstate_dir = "st"\n'
+                   '[[vmbus.device]]\ntype = "heartbeat"\n[[vmbus.device]]\ntype = "nic"\n')
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    out = subprocess.run(["mount", "-t", "vbusfs", str(cfg), str(mnt)], capture_output=True,
+                         text=True, env=state_env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    try:
+        assert mount_fstype(str(mnt)) == "fuse.vbusfs"
+        assert len(os.listdir(mnt / "sys/bus/vmbus/devices")) == 2
+        assert (mnt / ".vbusfs/machine").read_text() == "tiny\n"
+    finally:
+        assert mountctl("down", str(mnt), env=state_env).returncode == 0
+    deadline = time.monotonic() + 5
+    while mount_fstype(str(mnt)) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mount_fstype(str(mnt)) is None

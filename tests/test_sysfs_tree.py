@@ -36,7 +36,6 @@ def test_dangling_after_removal() -> None:
     target = t.root.makedirs("a/b")
     link = t.root.add(Symlink("l", target))
     assert isinstance(link, Symlink)
-    t.root.children["a"]  # noqa: B018
     assert isinstance(t.root.children["a"], Directory)
     t.root.children["a"].remove("b")   # type: ignore[union-attr]
     with pytest.raises(FileNotFoundError):

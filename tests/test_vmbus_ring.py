@@ -59,7 +59,7 @@ def test_ring_never_becomes_exactly_full_and_wraps() -> None:
     mem, prod, cons = make()
     dsize = PAGE_SIZE
     sent = received = 0
-    for round_ in range(50):                      # many laps around a 4 KiB ring
+    for _lap in range(50):                      # many laps around a 4 KiB ring
         while True:
             ok, _ = prod.write(6, 0, sent, struct.pack("<Q", sent) * 5)
             if not ok:
@@ -98,7 +98,7 @@ def test_hostile_packet_lengths_rejected() -> None:
 
 
 def test_pending_send_sz_wakes_blocked_writer_only_when_room() -> None:
-    mem, prod, cons = make()
+    _, prod, cons = make()
     while prod.write(6, 0, 0, bytes(200))[0]:
         pass
     need = 16 + 200 + 16

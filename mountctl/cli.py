@@ -17,8 +17,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mountctl.mounts import mount_fstype
+
+if TYPE_CHECKING:
+    from vbusfs.config import Config
 
 PROG = "mountctl"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -86,7 +90,7 @@ def _check_mountpoint(mnt: str) -> None:
         raise Failure(mnt, "is not empty", EXIT_USAGE, "mount on an empty directory")
 
 
-def _load_config(path: str | None):  # type: ignore[no-untyped-def]
+def _load_config(path: str | None) -> Config:
     from vbusfs.config import ConfigError, load, load_default
     try:
         return load(path) if path else load_default()
@@ -99,7 +103,7 @@ def _up(args: argparse.Namespace) -> int:
     _check_mountpoint(args.mountpoint)
     mnt = os.path.abspath(args.mountpoint)
     if args.daemon:
-        return _up_daemon(args, mnt)
+        return _up_daemon(args, mnt, config)
     from vbusfs.service import Machine, serve
 
     def ready() -> None:
@@ -115,8 +119,8 @@ def _up(args: argparse.Namespace) -> int:
         raise Failure(config.source, f"cannot build machine: {e}") from e
     try:
         serve(machine, mnt, ready)
-    except RuntimeError as e:
-        raise Failure(mnt, f"mount failed: {e}") from e
+    except (RuntimeError, OSError) as e:
+        raise Failure(mnt, f"{e}") from e
     return EXIT_OK
 
 
@@ -130,8 +134,7 @@ def _print_hello(mnt: str, name: str) -> None:
           f"  mountctl down {mnt}", flush=True)
 
 
-def _up_daemon(args: argparse.Namespace, mnt: str) -> int:
-    config = _load_config(args.config)
+def _up_daemon(args: argparse.Namespace, mnt: str, config: Config) -> int:
     state = Path(config.machine.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     logpath = state / "vbusfs.log"
@@ -194,7 +197,6 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child of ours would count as alive; we never parent the service here
     return True
 
 

@@ -121,7 +121,6 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
         machine.add_control_files(mountpoint, stop.set)
         ops = VbusFS(machine.tree)
         pyfuse3.init(ops, mountpoint, _mount_options())
-        mounted = True
         try:
             fuse_scope = trio.CancelScope()
 
@@ -146,8 +145,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             await machine.stop()
             fuse_scope.cancel()
         finally:
-            if mounted:
-                pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=True)
             guest_scope.cancel()
             nursery.cancel_scope.cancel()
 
@@ -157,5 +155,10 @@ def serve(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> No
     Path(machine.config.machine.state_dir).mkdir(parents=True, exist_ok=True)
     try:
         trio.run(_run, machine, mountpoint, on_ready)
+    except BaseExceptionGroup as group:
+        # One failing task (say, no VMBus version in common) is reported as itself.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
     finally:
         machine.close()

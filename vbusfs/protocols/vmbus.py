@@ -11,8 +11,8 @@ from __future__ import annotations
 import enum
 import struct
 import uuid
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Self
 
 __all__ = [
     "MAX_MESSAGE_SIZE", "MessageType", "MessageError", "Version", "KNOWN_VERSIONS",
@@ -119,7 +119,23 @@ def _check(buf: bytes, size: int, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class InitiateContact:
+class _Fixed:
+    """A message whose fields after the 8-byte header are exactly ``FMT``'s, in order."""
+
+    TYPE: ClassVar[MessageType]
+    FMT: ClassVar[struct.Struct]
+
+    def pack(self) -> bytes:
+        return self.FMT.pack(self.TYPE, 0, *(getattr(self, f.name) for f in fields(self)))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Self:
+        _check(buf, cls.FMT.size, cls.TYPE.name)
+        return cls(*cls.FMT.unpack_from(buf)[2:])
+
+
+@dataclass(frozen=True)
+class InitiateContact(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.INITIATE_CONTACT
     FMT: ClassVar[struct.Struct] = struct.Struct("<II II BB6x QQ")  # 40 bytes
     version_requested: int
@@ -129,50 +145,23 @@ class InitiateContact:
     monitor_page1: int     # GPA of the host→guest monitor page ("server")
     monitor_page2: int     # GPA of the guest→host monitor page ("client")
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.version_requested, self.target_vcpu,
-                             self.msg_sint, self.msg_vtl, self.monitor_page1, self.monitor_page2)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> InitiateContact:
-        _check(buf, cls.FMT.size, "INITIATE_CONTACT")
-        _, _, ver, vcpu, sint, vtl, m1, m2 = cls.FMT.unpack_from(buf)
-        return cls(ver, vcpu, sint, vtl, m1, m2)
 
 
 @dataclass(frozen=True)
-class VersionResponse:
+class VersionResponse(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.VERSION_RESPONSE
     FMT: ClassVar[struct.Struct] = struct.Struct("<II BBxx I")  # 16 bytes
-    version_supported: bool
+    version_supported: int    # bool on the wire
     connection_state: int
     msg_conn_id: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, int(self.version_supported), self.connection_state,
-                             self.msg_conn_id)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> VersionResponse:
-        _check(buf, cls.FMT.size, "VERSION_RESPONSE")
-        _, _, sup, state, conn = cls.FMT.unpack_from(buf)
-        return cls(bool(sup), state, conn)
 
 
 @dataclass(frozen=True)
-class _Bare:
+class _Bare(_Fixed):
     """A message that is only the 8-byte header."""
 
-    TYPE: ClassVar[MessageType]
     FMT: ClassVar[struct.Struct] = _HDR
-
-    def pack(self) -> bytes:
-        return _HDR.pack(self.TYPE, 0)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> _Bare:
-        _check(buf, _HDR.size, cls.TYPE.name)
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -231,18 +220,10 @@ class OfferChannel:
 
 
 @dataclass(frozen=True)
-class _RelidOnly:
-    TYPE: ClassVar[MessageType]
+class _RelidOnly(_Fixed):
     FMT: ClassVar[struct.Struct] = struct.Struct("<II I")  # 12 bytes
     child_relid: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> _RelidOnly:
-        _check(buf, cls.FMT.size, cls.TYPE.name)
-        return cls(cls.FMT.unpack_from(buf)[2])
 
 
 @dataclass(frozen=True)
@@ -261,18 +242,11 @@ class RelidReleased(_RelidOnly):
 
 
 @dataclass(frozen=True)
-class GpadlTorndown:
+class GpadlTorndown(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.GPADL_TORNDOWN
     FMT: ClassVar[struct.Struct] = struct.Struct("<II I")
     gpadl: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.gpadl)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> GpadlTorndown:
-        _check(buf, cls.FMT.size, "GPADL_TORNDOWN")
-        return cls(cls.FMT.unpack_from(buf)[2])
 
 
 #: 240-byte limit: header 20 + range 8 leaves 26 PFNs; a body message 16 leaves 28.
@@ -340,40 +314,26 @@ class GpadlBody:
 
 
 @dataclass(frozen=True)
-class GpadlCreated:
+class GpadlCreated(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.GPADL_CREATED
     FMT: ClassVar[struct.Struct] = struct.Struct("<II III")  # 20 bytes
     child_relid: int
     gpadl: int
     creation_status: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.gpadl, self.creation_status)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> GpadlCreated:
-        _check(buf, cls.FMT.size, "GPADL_CREATED")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 @dataclass(frozen=True)
-class GpadlTeardown:
+class GpadlTeardown(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.GPADL_TEARDOWN
     FMT: ClassVar[struct.Struct] = struct.Struct("<II II")  # 16 bytes
     child_relid: int
     gpadl: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.gpadl)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> GpadlTeardown:
-        _check(buf, cls.FMT.size, "GPADL_TEARDOWN")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 @dataclass(frozen=True)
-class OpenChannel:
+class OpenChannel(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.OPENCHANNEL
     FMT: ClassVar[struct.Struct] = struct.Struct("<II IIIII 120s")  # 148 bytes
     child_relid: int
@@ -381,67 +341,36 @@ class OpenChannel:
     ringbuffer_gpadlhandle: int
     target_vp: int
     downstream_ringbuffer_pageoffset: int
-    userdata: bytes = b""
+    userdata: bytes = b""      # struct pads it to 120 bytes
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.openid,
-                             self.ringbuffer_gpadlhandle, self.target_vp,
-                             self.downstream_ringbuffer_pageoffset,
-                             self.userdata.ljust(120, b"\0"))
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> OpenChannel:
-        _check(buf, cls.FMT.size, "OPENCHANNEL")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 @dataclass(frozen=True)
-class OpenResult:
+class OpenResult(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.OPENCHANNEL_RESULT
     FMT: ClassVar[struct.Struct] = struct.Struct("<II III")  # 20 bytes
     child_relid: int
     openid: int
     status: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.openid, self.status)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> OpenResult:
-        _check(buf, cls.FMT.size, "OPENCHANNEL_RESULT")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 @dataclass(frozen=True)
-class ModifyChannel:
+class ModifyChannel(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.MODIFYCHANNEL
     FMT: ClassVar[struct.Struct] = struct.Struct("<II II")  # 16 bytes
     child_relid: int
     target_vp: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.target_vp)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> ModifyChannel:
-        _check(buf, cls.FMT.size, "MODIFYCHANNEL")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 @dataclass(frozen=True)
-class ModifyChannelResponse:
+class ModifyChannelResponse(_Fixed):
     TYPE: ClassVar[MessageType] = MessageType.MODIFYCHANNEL_RESPONSE
     FMT: ClassVar[struct.Struct] = struct.Struct("<II Ii")  # 16 bytes
     child_relid: int
     status: int
 
-    def pack(self) -> bytes:
-        return self.FMT.pack(self.TYPE, 0, self.child_relid, self.status)
-
-    @classmethod
-    def unpack(cls, buf: bytes) -> ModifyChannelResponse:
-        _check(buf, cls.FMT.size, "MODIFYCHANNEL_RESPONSE")
-        return cls(*cls.FMT.unpack_from(buf)[2:])
 
 
 class MONITOR_PAGE:  # noqa: N801 - a namespace of offsets named like the C struct

@@ -1,0 +1,145 @@
+"""The Xen shared ring (``xen/include/public/io/ring.h``) over a shared memoryview.
+
+Layout: ``req_prod`` @0, ``req_event`` @4, ``rsp_prod`` @8, ``rsp_event`` @12, 48 bytes of
+padding, then ``ring[]`` at 64. The number of entries is (bytes − 64) / slot size rounded
+*down* to a power of two; indices are free-running unsigned 32-bit counters, so every
+difference is taken modulo 2**32 (reference/protocols.md §1.1).
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = ["SRING_HEADER", "ring_size", "FrontRing", "BackRing", "sring_init", "idx"]
+
+SRING_HEADER = 64
+_U32 = struct.Struct("<I")
+REQ_PROD, REQ_EVENT, RSP_PROD, RSP_EVENT = 0, 4, 8, 12
+MASK32 = 0xFFFFFFFF
+
+
+def idx(value: int) -> int:
+    """A ring index as RING_IDX (unsigned 32-bit)."""
+    return value & MASK32
+
+
+def ring_size(nbytes: int, slot: int) -> int:
+    """``__CONST_RING_SIZE``: entries in a ring of ``nbytes`` with ``slot``-byte entries."""
+    raw = (nbytes - SRING_HEADER) // slot
+    if raw < 1:
+        raise ValueError(f"{nbytes} bytes hold no {slot}-byte slot")
+    return 1 << (raw.bit_length() - 1)
+
+
+def sring_init(view: memoryview) -> None:
+    """``SHARED_RING_INIT`` (frontend only): producers 0, events 1, padding zeroed."""
+    view[:SRING_HEADER] = bytes(SRING_HEADER)
+    _U32.pack_into(view, REQ_EVENT, 1)
+    _U32.pack_into(view, RSP_EVENT, 1)
+
+
+class _Ring:
+    __slots__ = ("view", "slot", "size")
+
+    def __init__(self, view: memoryview, slot: int) -> None:
+        self.view = view
+        self.slot = slot
+        self.size = ring_size(len(view), slot)
+
+    def _get(self, off: int) -> int:
+        return int(_U32.unpack_from(self.view, off)[0])
+
+    def _set(self, off: int, value: int) -> None:
+        _U32.pack_into(self.view, off, idx(value))
+
+    def slot_offset(self, index: int) -> int:
+        return SRING_HEADER + (index & (self.size - 1)) * self.slot
+
+    @property
+    def req_prod(self) -> int:
+        return self._get(REQ_PROD)
+
+    @property
+    def rsp_prod(self) -> int:
+        return self._get(RSP_PROD)
+
+    @property
+    def req_event(self) -> int:
+        return self._get(REQ_EVENT)
+
+    @property
+    def rsp_event(self) -> int:
+        return self._get(RSP_EVENT)
+
+
+def _need_notify(new: int, old: int, event: int) -> bool:
+    """Notify iff ``event`` lies in (old, new], all modulo 2**32."""
+    return idx(new - event) < idx(new - old)
+
+
+class FrontRing(_Ring):
+    """The frontend's private state: ``req_prod_pvt`` and ``rsp_cons``."""
+
+    __slots__ = ("req_prod_pvt", "rsp_cons")
+
+    def __init__(self, view: memoryview, slot: int, start: int = 0) -> None:
+        super().__init__(view, slot)
+        self.req_prod_pvt = idx(start)
+        self.rsp_cons = idx(start)
+
+    def free_requests(self) -> int:
+        """``RING_FREE_REQUESTS``."""
+        return self.size - idx(self.req_prod_pvt - self.rsp_cons)
+
+    def full(self) -> bool:
+        return self.free_requests() == 0
+
+    def push_requests_and_check_notify(self) -> bool:
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
+        old, new = self.req_prod, self.req_prod_pvt
+        self._set(REQ_PROD, new)
+        return _need_notify(new, old, self.req_event)
+
+    def unconsumed_responses(self) -> int:
+        return idx(self.rsp_prod - self.rsp_cons)
+
+    def final_check_for_responses(self) -> bool:
+        """``RING_FINAL_CHECK_FOR_RESPONSES``: arm ``rsp_event`` and re-check."""
+        if self.unconsumed_responses():
+            return True
+        self._set(RSP_EVENT, self.rsp_cons + 1)
+        return bool(self.unconsumed_responses())
+
+
+class BackRing(_Ring):
+    """The backend's private state: ``rsp_prod_pvt`` and ``req_cons``."""
+
+    __slots__ = ("rsp_prod_pvt", "req_cons")
+
+    def __init__(self, view: memoryview, slot: int, start: int = 0) -> None:
+        super().__init__(view, slot)
+        self.rsp_prod_pvt = idx(start)
+        self.req_cons = idx(start)
+
+    def unconsumed_requests(self) -> int:
+        """``RING_HAS_UNCONSUMED_REQUESTS``: bounded by the free response slots, so a
+        frontend that over-produces cannot make the backend overrun its responses."""
+        req = idx(self.req_prod - self.req_cons)
+        rsp = self.size - idx(self.req_cons - self.rsp_prod_pvt)
+        return min(req, rsp)
+
+    def request_prod_overflow(self, prod: int) -> bool:
+        """``RING_REQUEST_PROD_OVERFLOW``: the frontend published more than fits."""
+        return idx(prod - self.rsp_prod_pvt) > self.size
+
+    def push_responses_and_check_notify(self) -> bool:
+        old, new = self.rsp_prod, self.rsp_prod_pvt
+        self._set(RSP_PROD, new)
+        return _need_notify(new, old, self.rsp_event)
+
+    def final_check_for_requests(self) -> bool:
+        """``RING_FINAL_CHECK_FOR_REQUESTS``: arm ``req_event`` and re-check."""
+        if self.unconsumed_requests():
+            return True
+        self._set(REQ_EVENT, self.req_cons + 1)
+        return bool(self.unconsumed_requests())

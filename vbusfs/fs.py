@@ -244,13 +244,3 @@ class VbusFS(pyfuse3.Operations):
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
         return s
-
-    def invalidate(self, directory: Directory, name: str) -> None:
-        """Tell the kernel a cached entry changed (hotplug)."""
-        try:
-            pyfuse3.invalidate_entry_async(pyfuse3.InodeT(directory.ino),
-                                           pyfuse3.FileNameT(os.fsencode(name)))
-        except Exception:  # not mounted (unit tests) or already gone
-            pass
-
-

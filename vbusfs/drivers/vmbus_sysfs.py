@@ -101,10 +101,6 @@ DEVICE_GROUP: Group[VmbusDevice] = Group(attrs=(
 ), is_visible=_visible)
 
 
-def _ring_or_einval(d: VmbusDevice, direction: str) -> Ring:
-    return d.channel.ring(direction)
-
-
 def _endpoint_count(name: str) -> Callable[[VmbusDevice], str]:
     def show(d: VmbusDevice) -> str:
         ep = d.channel.endpoint
@@ -121,10 +117,10 @@ async def _store_cpu(d: VmbusDevice, text: str) -> None:
 
 
 CHANNEL_GROUP: Group[VmbusDevice] = Group(attrs=(
-    Attr("out_mask", lambda d: f"{_ring_or_einval(d, 'out').interrupt_mask}\n"),
-    Attr("in_mask", lambda d: f"{_ring_or_einval(d, 'in').interrupt_mask}\n"),
-    Attr("read_avail", lambda d: f"{_ring_or_einval(d, 'in').bytes_to_read()}\n"),
-    Attr("write_avail", lambda d: f"{_ring_or_einval(d, 'out').bytes_to_write()}\n"),
+    Attr("out_mask", lambda d: f"{d.channel.ring('out').interrupt_mask}\n"),
+    Attr("in_mask", lambda d: f"{d.channel.ring('in').interrupt_mask}\n"),
+    Attr("read_avail", lambda d: f"{d.channel.ring('in').bytes_to_read()}\n"),
+    Attr("write_avail", lambda d: f"{d.channel.ring('out').bytes_to_write()}\n"),
     Attr("cpu", lambda d: f"{d.channel.target_cpu}\n", _store_cpu),
     Attr("pending", _pending(1)),
     Attr("latency", _latency(1)),

@@ -161,7 +161,3 @@ class Bus:
             devdir.remove("driver")
             assert isinstance(drv, Symlink) and isinstance(drv.target, Directory)
             drv.target.remove(name)
-
-    def bound_driver(self, name: str) -> str | None:
-        link = self.devices_by_name[name].children.get("driver")
-        return link.target.name if isinstance(link, Symlink) else None

@@ -51,7 +51,7 @@ class _Open:
 
 class VbusFS(pyfuse3.Operations):
     """Dynamic files use direct I/O and no attribute caching; the tree shape may be cached
-    for a short time (hotplug invalidates the entries it changes)."""
+    for one second, so a hot-added or removed device shows within a second."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False

@@ -387,9 +387,9 @@ class XenstoreDaemon:
         if msg_type == xs.XsType.READ:
             return target.read(conn.absolute(arg(0))).encode()
         if msg_type == xs.XsType.WRITE:
-            path, _, value = payload.partition(b"\0")
-            target.write(conn.absolute(path.decode("utf-8", "replace")),
-                         value.decode("utf-8", "replace"))
+            raw_path, _, raw_value = payload.partition(b"\0")
+            target.write(conn.absolute(raw_path.decode("utf-8", "replace")),
+                         raw_value.decode("utf-8", "replace"))
             return b"OK\0"
         if msg_type == xs.XsType.MKDIR:
             target.mkdir(conn.absolute(arg(0)))

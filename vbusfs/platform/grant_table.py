@@ -126,4 +126,5 @@ class GrantTable:
 
     def entry(self, ref: int) -> tuple[int, int, int]:
         """The raw (flags, domid, frame) of an entry, for tests and diagnostics."""
-        return ENTRY.unpack_from(self._table, self._off(ref))  # type: ignore[return-value]
+        flags, domid, frame = ENTRY.unpack_from(self._table, self._off(ref))
+        return int(flags), int(domid), int(frame)

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from vbusfs.sysfs import Attribute, BinAttribute, Directory, Node, Symlink, Tree
+from vbusfs.sysfs import Attribute, BinAttribute, BlockFile, Directory, Node, Symlink, Tree
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,11 @@ class VbusFS(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.tree.get(inode)
         if fields.update_size:
-            # O_TRUNC before a write: harmless on a writable attribute, refused otherwise.
-            if not (isinstance(node, Attribute) and node.writable):
+            # O_TRUNC before a write: harmless on a writable attribute or a disk (a block
+            # device ignores O_TRUNC, and dd truncates regular files it writes to), refused
+            # otherwise. The disk keeps its size.
+            if not (isinstance(node, Attribute) and node.writable) and \
+                    not isinstance(node, BlockFile):
                 raise OSError(errno.EACCES, "read-only")
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise OSError(errno.EPERM, "sysfs modes and owners are fixed")
@@ -189,6 +192,9 @@ class VbusFS(pyfuse3.Operations):
         elif isinstance(node, BinAttribute):
             if (wants_write and node.writer is None) or (wants_read and node.reader is None):
                 raise OSError(errno.EACCES, "permission denied")
+        elif isinstance(node, BlockFile):
+            if wants_write and node.disk.readonly:
+                raise OSError(errno.EROFS, "the disk is read-only")
         else:
             raise OSError(errno.EINVAL, "not a regular file")
         fh = self._fh()
@@ -204,6 +210,10 @@ class VbusFS(pyfuse3.Operations):
     @_errors
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         h = self._handle(fh)
+        if isinstance(h.node, BlockFile):
+            if off < 0:
+                raise OSError(errno.EINVAL, "negative offset")
+            return await h.node.disk.read(off, size)
         if isinstance(h.node, BinAttribute):
             assert h.node.reader is not None
             if off >= h.node.length:
@@ -219,6 +229,10 @@ class VbusFS(pyfuse3.Operations):
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         node = h.node
+        if isinstance(node, BlockFile):
+            if off < 0:
+                raise OSError(errno.EINVAL, "negative offset")
+            return await node.disk.write(off, buf)
         if isinstance(node, BinAttribute):
             if node.writer is None:
                 raise OSError(errno.EACCES, "read-only")
@@ -230,6 +244,12 @@ class VbusFS(pyfuse3.Operations):
         if inspect.isawaitable(result):
             await result
         return len(buf)
+
+    @_errors
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        h = self._handle(fh)
+        if isinstance(h.node, BlockFile):
+            await h.node.disk.flush()      # a flush request through the ring
 
     @_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

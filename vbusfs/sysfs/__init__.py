@@ -8,6 +8,8 @@ from vbusfs.sysfs.attrs import Attr, Group, add_group
 from vbusfs.sysfs.nodes import (
     Attribute,
     BinAttribute,
+    BlockDevice,
+    BlockFile,
     Directory,
     Node,
     Symlink,
@@ -16,6 +18,6 @@ from vbusfs.sysfs.nodes import (
 )
 
 __all__ = [
-    "Attr", "Group", "add_group", "Attribute", "BinAttribute", "Directory", "Node",
-    "Symlink", "Tree", "relpath_between",
+    "Attr", "Group", "add_group", "Attribute", "BinAttribute", "BlockDevice", "BlockFile",
+    "Directory", "Node", "Symlink", "Tree", "relpath_between",
 ]

@@ -19,10 +19,11 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Protocol
 
 __all__ = [
     "ATTR_SIZE", "Node", "Directory", "Attribute", "BinAttribute", "Symlink", "Tree",
-    "relpath_between",
+    "relpath_between", "BlockFile", "BlockDevice",
 ]
 
 #: st_size of every text attribute (PAGE_SIZE; fs/sysfs/file.c)
@@ -211,6 +212,36 @@ class BinAttribute(Node):
 
     def size(self) -> int:
         return self.length
+
+
+class BlockDevice(Protocol):
+    """What a ``/dev/<disk>`` file needs from the block layer."""
+
+    readonly: bool
+
+    def size_bytes(self) -> int: ...
+    async def read(self, offset: int, size: int) -> bytes: ...
+    async def write(self, offset: int, data: bytes) -> int: ...
+    async def flush(self) -> None: ...
+
+
+class BlockFile(Node):
+    """``/dev/<disk>``: a regular file the size of the disk whose I/O goes to the block
+    layer (a device node would send it to a kernel driver instead; design.md §3)."""
+
+    __slots__ = ("disk",)
+    kind = stat.S_IFREG
+
+    def __init__(self, name: str, disk: BlockDevice) -> None:
+        super().__init__(name)
+        self.disk = disk
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | 0o660
+
+    def size(self) -> int:
+        return self.disk.size_bytes()
 
 
 class Symlink(Node):

@@ -1,0 +1,100 @@
+"""A raw image file: sparse when created, locked while in use, vectored I/O from guest memory.
+
+All methods block (they are called from worker threads). Sizes are fixed once open: the
+device model checks every range against :attr:`size` before calling in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["RawImage", "ImageError"]
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class ImageError(OSError):
+    pass
+
+
+Buffers = Sequence[memoryview]
+
+
+class RawImage:
+    def __init__(self, path: Path, *, size: int, readonly: bool, sync: bool = False) -> None:
+        """Open ``path``, creating it sparse at ``size`` bytes if it does not exist.
+        ``sync`` opens with O_DSYNC (a disk that offers no flush must be write-through)."""
+        self.path = path
+        self.readonly = readonly
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        if sync and not readonly:
+            flags |= os.O_DSYNC
+        created = False
+        try:
+            self.fd = os.open(path, flags)
+        except FileNotFoundError:
+            if readonly:
+                raise ImageError(errno.ENOENT, f"{path}: a read-only disk needs an existing "
+                                 "image") from None
+            self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        try:
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) |
+                            fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ImageError(errno.EBUSY, f"{path} is in use by another process "
+                                 "(locked)") from None
+            if created:
+                os.ftruncate(self.fd, size)
+            st = os.fstat(self.fd)
+            if not (st.st_mode & 0o170000) == 0o100000:
+                raise ImageError(errno.EINVAL, f"{path} is not a regular file")
+            self.size = st.st_size
+        except BaseException:
+            os.close(self.fd)
+            if created:
+                path.unlink(missing_ok=True)
+            raise
+        self.created = created
+
+    def preadv(self, bufs: Buffers, offset: int) -> int:
+        want = sum(len(b) for b in bufs)
+        got = os.preadv(self.fd, bufs, offset)
+        if got != want:
+            raise ImageError(errno.EIO, f"short read at {offset}: {got} of {want} bytes")
+        return got
+
+    def pwritev(self, bufs: Buffers, offset: int) -> int:
+        total = sum(len(b) for b in bufs)
+        done = os.pwritev(self.fd, bufs, offset)
+        while done < total:          # rare: finish a partial write
+            rest = b"".join(bytes(b) for b in bufs)[done:]
+            n = os.pwrite(self.fd, rest, offset + done)
+            if n <= 0:
+                raise ImageError(errno.EIO, f"write at {offset + done} made no progress")
+            done += n
+        return done
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole (the range then reads as zeros); the file keeps its size."""
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           offset, length) != 0:
+            e = ctypes.get_errno()
+            raise ImageError(e, f"punching {length} bytes at {offset}: {os.strerror(e)}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,460 @@
+"""blkback: the host half of a Xen virtual disk.
+
+Lifecycle (reference/protocols.md §1.4, sysfs.md §2.3): publish features and limits, go
+InitWait; when the frontend is Initialised (or Connected), read its transport keys, map the
+ring pages through the grant table, bind the event channel, publish ``sectors``/``info``/
+``sector-size``/``physical-sector-size`` and go Connected; on frontend Closing, stop the
+ring, unmap everything and follow it through Closing to Closed.
+
+Everything on the ring is untrusted. A request slot is copied out before it is looked at
+(``RING_COPY_REQUEST``); each request is validated completely — operation, segment count,
+sector bounds inside a frame, grant references and their read-only flag against the
+direction, indirect pages, the sector range against the disk, logical-block alignment —
+and a bad one is answered with ``BLKIF_RSP_ERROR`` (or ``EOPNOTSUPP`` for an operation not
+offered) without touching the image. A frontend that publishes more requests than the ring
+holds (``RING_REQUEST_PROD_OVERFLOW``) gets its ring halted, as Linux blkback does.
+
+Valid requests found on one doorbell run in ring order in one worker-thread call, straight
+from guest memory with ``preadv``/``pwritev``; segments that are contiguous in guest memory
+become one iovec entry. Flush and barrier are ``fdatasync`` and, since the batch runs in
+order, ordered after everything before them; discard punches a hole.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from backends.storage.raw import RawImage
+from backends.xen.xenstore import Store
+from vbusfs.platform.event_channel import EventChannels
+from vbusfs.platform.grant_table import GrantError, GrantTable
+from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
+from vbusfs.protocols import blkif
+from vbusfs.protocols.blkif import Op, Status
+from vbusfs.protocols.xen_ring import BackRing
+from vbusfs.protocols.xenbus import PROTOCOL_NATIVE, State, Vdev
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Blkback", "VbdSpec", "FEATURES", "MAX_PERSISTENT_GRANTS"]
+
+FEATURES = ("flush", "barrier", "discard", "persistent")
+MAX_PERSISTENT_GRANTS = 1056           # Linux xen_blkif_max_pgrants default
+SECTORS_PER_PAGE = PAGE_SIZE // blkif.SECTOR
+
+
+@dataclass(frozen=True)
+class VbdSpec:
+    vdev: Vdev
+    image: Path
+    size: int                    # size of a newly created image, bytes
+    readonly: bool
+    sector_size: int
+    max_ring_page_order: int
+    indirect_segments: int
+    features: frozenset[str]
+    key: str = ""                # where it came from in the config
+
+
+class _Bad(Exception):
+    """A request that gets an error response; ``status`` is the blkif status."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+@dataclass
+class _Work:
+    id: int
+    op: int
+    kind: int                    # Op.READ / WRITE / FLUSH_DISKCACHE / WRITE_BARRIER / DISCARD
+    offset: int = 0              # bytes
+    length: int = 0              # bytes (discard)
+    iov: tuple[memoryview, ...] = ()
+    mapped: tuple[int, ...] = ()  # grant refs to unmap after the I/O
+    status: int = Status.OKAY
+
+
+class Blkback:
+    def __init__(self, store: Store, grants: GrantTable, evtchn: EventChannels,
+                 memory: GuestMemory, spec: VbdSpec, fe_domid: int = 1, domid: int = 0) -> None:
+        self.store = store
+        self.grants = grants
+        self.evtchn = evtchn
+        self.memory = memory
+        self.spec = spec
+        self.domid = domid
+        self.fe_domid = fe_domid
+        n = spec.vdev.number
+        self.path = f"/local/domain/{domid}/backend/vbd/{fe_domid}/{n}"
+        self.fe_path = f"/local/domain/{fe_domid}/device/vbd/{n}"
+        self.image: RawImage | None = None
+        self.sectors = 0
+        self.ring: BackRing | None = None
+        self.ring_refs: list[int] = []
+        self.port = 0
+        self.persistent = False
+        self._pgrants: dict[int, int] = {}      # ref -> pfn, mapped writable for good
+        self.broken = ""
+        self.requests = 0
+        self.errors = 0
+        self._ring_scope: trio.CancelScope | None = None
+        self.limiter = trio.CapacityLimiter(1)
+
+    # -- xenstore ----------------------------------------------------------------------------
+    def _w(self, key: str, value: object) -> None:
+        self.store.write(f"{self.path}/{key}", str(value))
+
+    def _fe(self, key: str, default: str | None = None) -> str:
+        try:
+            return self.store.read(f"{self.fe_path}/{key}")
+        except FileNotFoundError:
+            if default is None:
+                raise OSError(errno.ENOENT, f"frontend did not write {key}") from None
+            return default
+
+    def _fe_int(self, key: str, default: int | None = None) -> int:
+        text = self._fe(key, None if default is None else str(default))
+        try:
+            return int(text)
+        except ValueError:
+            raise OSError(errno.EINVAL, f"frontend {key} {text!r} is not a number") from None
+
+    def state(self) -> int:
+        try:
+            return int(self.store.read(f"{self.path}/state"))
+        except (OSError, ValueError):
+            return State.UNKNOWN
+
+    def _switch(self, state: State) -> None:
+        self._w("state", int(state))
+
+    def open_image(self) -> None:
+        spec = self.spec
+        flushable = bool({"flush", "barrier"} & spec.features)
+        self.image = RawImage(spec.image, size=spec.size, readonly=spec.readonly,
+                              sync=not flushable)
+        if self.image.size % spec.sector_size:
+            size = self.image.size
+            self.image.close()
+            raise OSError(errno.EINVAL, f"{spec.image}: size {size} is not a multiple of "
+                          f"the {spec.sector_size}-byte sector size")
+        self.sectors = self.image.size // blkif.SECTOR
+
+    def publish_features(self) -> None:
+        f = self.spec.features
+        self._w("feature-flush-cache", int("flush" in f))
+        self._w("feature-barrier", int("barrier" in f))
+        self._w("feature-discard", int("discard" in f))
+        if "discard" in f:
+            self._w("discard-granularity", self.spec.sector_size)
+            self._w("discard-alignment", 0)
+            self._w("discard-secure", 0)
+        self._w("feature-persistent", int("persistent" in f))
+        if self.spec.indirect_segments:
+            self._w("feature-max-indirect-segments", self.spec.indirect_segments)
+        self._w("max-ring-page-order", self.spec.max_ring_page_order)
+        self._switch(State.INIT_WAIT)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        send, recv = trio.open_memory_channel[str](math.inf)
+        watch = self.store.watch(f"{self.fe_path}/state", "blkback", lambda p, t:
+                                 send.send_nowait(p))
+        try:
+            self.open_image()
+            self.publish_features()
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                async for _ in recv:
+                    await self._frontend_changed(nursery)
+        finally:
+            self.store.unwatch(watch)
+            self._disconnect()
+            if self.image is not None:
+                self.image.close()
+
+    async def _frontend_changed(self, nursery: trio.Nursery) -> None:
+        try:
+            fe_state = int(self._fe("state", "0"))
+        except ValueError:
+            return
+        mine = self.state()
+        if fe_state in (State.INITIALISED, State.CONNECTED) and mine != State.CONNECTED:
+            if mine != State.INIT_WAIT:
+                return
+            try:
+                self._connect()
+            except (OSError, GrantError) as e:
+                log.warning("%s: cannot connect: %s", self.path, e)
+                self._disconnect()
+                self._w("hotplug-error", str(e))
+                self._switch(State.CLOSING)
+                return
+            nursery.start_soon(self._serve_ring)
+        elif fe_state == State.CLOSING and mine not in (State.CLOSING, State.CLOSED):
+            self._disconnect()
+            self._switch(State.CLOSING)
+        elif fe_state == State.CLOSED and mine != State.CLOSED:
+            self._disconnect()
+            self._switch(State.CLOSED)
+        elif fe_state in (State.INITIALISING, State.UNKNOWN) and mine == State.CLOSED:
+            self.publish_features()          # the frontend reconnects
+
+    # -- connect / disconnect ---------------------------------------------------------------
+    def _connect(self) -> None:
+        proto = self._fe("protocol", PROTOCOL_NATIVE)
+        if proto != PROTOCOL_NATIVE:
+            raise OSError(errno.EPROTONOSUPPORT, f"protocol {proto!r} is not supported "
+                          f"(only {PROTOCOL_NATIVE})")
+        order = self._fe_int("ring-page-order", 0)
+        if not 0 <= order <= self.spec.max_ring_page_order:
+            raise OSError(errno.EINVAL, f"ring-page-order {order} exceeds "
+                          f"max-ring-page-order {self.spec.max_ring_page_order}")
+        pages = 1 << order
+        refs = [self._fe_int("ring-ref")] if order == 0 and \
+            self.store.exists(f"{self.fe_path}/ring-ref") else \
+            [self._fe_int(f"ring-ref{i}") for i in range(pages)]
+        fe_port = self._fe_int("event-channel")
+        self.persistent = "persistent" in self.spec.features and \
+            self._fe_int("feature-persistent", 0) == 1
+        pfns: list[int] = []
+        try:
+            for ref in refs:
+                pfns.append(self.grants.map(ref, self.domid, write=True))
+                self.ring_refs.append(ref)
+        except GrantError:
+            self._unmap_ring()
+            raise
+        if pfns != list(range(pfns[0], pfns[0] + pages)):
+            self._unmap_ring()
+            raise OSError(errno.EINVAL, "ring pages are not contiguous in guest memory "
+                          "(a limitation of this backend)")
+        self.ring = BackRing(self.memory.view(pfns[0], pages), blkif.SLOT_SIZE)
+        self.port = self.evtchn.bind_interdomain(self.domid, self.fe_domid, fe_port)
+        self.broken = ""
+        info = blkif.VDISK_READONLY if self.spec.readonly else 0
+        self._w("sectors", self.sectors)
+        self._w("info", info)
+        self._w("sector-size", self.spec.sector_size)
+        self._w("physical-sector-size", self.spec.sector_size)
+        self._switch(State.CONNECTED)
+
+    def _unmap_ring(self) -> None:
+        for ref in self.ring_refs:
+            self.grants.unmap(ref)
+        self.ring_refs = []
+
+    def _disconnect(self) -> None:
+        if self._ring_scope is not None:
+            self._ring_scope.cancel()
+            self._ring_scope = None
+        for ref in self._pgrants:
+            self.grants.unmap(ref)
+        self._pgrants.clear()
+        self._unmap_ring()
+        self.ring = None
+        if self.port:
+            self.evtchn.close(self.domid, self.port)
+            self.port = 0
+
+    # -- the ring ---------------------------------------------------------------------------
+    async def _serve_ring(self) -> None:
+        with trio.CancelScope() as scope:
+            self._ring_scope = scope
+            bell = self.evtchn.get(self.domid, self.port).bell
+            ring = self.ring
+            assert ring is not None
+            while True:
+                await bell.wait()
+                while True:
+                    work = self._consume(ring)
+                    if self.broken:
+                        return
+                    if work:
+                        await trio.to_thread.run_sync(self._execute, work,
+                                                      limiter=self.limiter)
+                        self._finish(ring, work)
+                    if ring.push_responses_and_check_notify():
+                        self.evtchn.send(self.domid, self.port)
+                    if not ring.final_check_for_requests():
+                        break
+
+    def _consume(self, ring: BackRing) -> list[_Work]:
+        prod = ring.req_prod
+        if ring.request_prod_overflow(prod):
+            self.broken = (f"frontend produced {(prod - ring.rsp_prod_pvt) & 0xFFFFFFFF} "
+                           f"requests on a {ring.size}-entry ring")
+            log.warning("%s: %s; ring processing halted", self.path, self.broken)
+            self._w("hotplug-error", self.broken)
+            return []
+        work: list[_Work] = []
+        view = ring.view
+        while ring.req_cons != prod and (ring.req_cons - ring.rsp_prod_pvt) & 0xFFFFFFFF \
+                < ring.size:
+            off = ring.slot_offset(ring.req_cons)
+            raw = bytes(view[off:off + blkif.SLOT_SIZE])      # RING_COPY_REQUEST
+            ring.req_cons = (ring.req_cons + 1) & 0xFFFFFFFF
+            self.requests += 1
+            req_id = int.from_bytes(raw[8:16], "little")
+            try:
+                work.append(self._parse(raw, req_id))
+            except _Bad as e:
+                self.errors += 1
+                log.debug("%s: request %#x rejected: %s", self.path, req_id, e)
+                self._respond(ring, req_id, raw[0], e.status)
+        return work
+
+    def _respond(self, ring: BackRing, req_id: int, op: int, status: int) -> None:
+        blkif.RESPONSE.pack_into(ring.view, ring.slot_offset(ring.rsp_prod_pvt),
+                                 req_id, op, status)
+        ring.rsp_prod_pvt = (ring.rsp_prod_pvt + 1) & 0xFFFFFFFF
+
+    def _finish(self, ring: BackRing, work: list[_Work]) -> None:
+        for w in work:
+            for ref in w.mapped:
+                self.grants.unmap(ref)
+            if w.status != Status.OKAY:
+                self.errors += 1
+            self._respond(ring, w.id, w.op, w.status)
+
+    # -- validation -------------------------------------------------------------------------
+    def _parse(self, raw: bytes, req_id: int) -> _Work:
+        op = raw[0]
+        f = self.spec.features
+        if op in (Op.READ, Op.WRITE, Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER):
+            _, nseg, _handle, _, sector = blkif.REQUEST_HEAD.unpack_from(raw)
+            if (op == Op.FLUSH_DISKCACHE and "flush" not in f) or \
+                    (op == Op.WRITE_BARRIER and "barrier" not in f):
+                raise _Bad(Status.EOPNOTSUPP, f"operation {op} not offered")
+            if nseg > blkif.MAX_SEGMENTS_PER_REQUEST:
+                raise _Bad(Status.ERROR, f"{nseg} segments in a direct request")
+            if nseg == 0 and op in (Op.READ, Op.WRITE):
+                raise _Bad(Status.ERROR, "read or write without segments")
+            segs = [blkif.SEGMENT.unpack_from(raw, blkif.REQUEST_HEAD.size + 8 * i)
+                    for i in range(nseg)]
+            kind = op
+            return self._rw(req_id, op, kind, sector, segs)
+        if op == Op.INDIRECT:
+            _, iop, nseg, _, sector, _handle, *grefs = blkif.INDIRECT.unpack_from(raw)
+            if not self.spec.indirect_segments:
+                raise _Bad(Status.EOPNOTSUPP, "indirect requests not offered")
+            if iop not in (Op.READ, Op.WRITE):
+                raise _Bad(Status.ERROR, f"indirect operation {iop}")
+            if not 1 <= nseg <= self.spec.indirect_segments:
+                raise _Bad(Status.ERROR, f"{nseg} indirect segments (max "
+                           f"{self.spec.indirect_segments})")
+            pages = -(-nseg // blkif.SEGMENTS_PER_INDIRECT_PAGE)
+            table = bytearray()
+            for ref in grefs[:pages]:
+                pfn = self._map(ref, write=False)
+                table += self.memory.view(pfn)        # copy, then validate the copy
+                self.grants.unmap(ref)
+            segs = [blkif.SEGMENT.unpack_from(table, 8 * i) for i in range(nseg)]
+            return self._rw(req_id, iop, iop, sector, segs)   # Linux answers with indirect_op
+        if op == Op.DISCARD:
+            _, flag, _handle, _, sector, nsec = blkif.DISCARD.unpack_from(raw)
+            if "discard" not in f or flag & blkif.DISCARD_SECURE:
+                raise _Bad(Status.EOPNOTSUPP, "discard not offered")
+            if self.spec.readonly:
+                raise _Bad(Status.ERROR, "discard on a read-only disk")
+            self._check_range(sector, nsec)
+            return _Work(req_id, op, Op.DISCARD, sector * blkif.SECTOR,
+                         nsec * blkif.SECTOR)
+        raise _Bad(Status.EOPNOTSUPP, f"unknown operation {op}")
+
+    def _check_range(self, sector: int, nsec: int) -> None:
+        if sector + nsec > self.sectors:
+            raise _Bad(Status.ERROR, f"sectors {sector}+{nsec} lie beyond the disk "
+                       f"({self.sectors})")
+        per_block = self.spec.sector_size // blkif.SECTOR
+        if (sector | nsec) & (per_block - 1):
+            raise _Bad(Status.ERROR, f"sectors {sector}+{nsec} are not aligned to "
+                       f"{self.spec.sector_size}-byte blocks")
+
+    def _map(self, ref: int, write: bool) -> int:
+        try:
+            return self.grants.map(ref, self.domid, write)
+        except GrantError as e:
+            raise _Bad(Status.ERROR, str(e)) from None
+
+    def _rw(self, req_id: int, op: int, kind: int, sector: int,
+            segs: list[tuple[int, int, int]]) -> _Work:
+        writes_disk = kind != Op.READ
+        if writes_disk and self.spec.readonly and segs:
+            raise _Bad(Status.ERROR, "write to a read-only disk")
+        nsec = 0
+        for _ref, first, last in segs:
+            if last >= SECTORS_PER_PAGE or last < first:
+                raise _Bad(Status.ERROR, f"segment sectors {first}..{last}")
+            nsec += last - first + 1
+        self._check_range(sector, nsec)
+        # Map: the backend writes guest pages on READ, reads them otherwise.
+        mapped: list[int] = []
+        extents: list[list[int]] = []       # [gpa, length], merged when contiguous
+        try:
+            for ref, first, last in segs:
+                pfn = self._persistent(ref)
+                if pfn is None:
+                    pfn = self._map(ref, write=not writes_disk)
+                    mapped.append(ref)
+                gpa = pfn * PAGE_SIZE + first * blkif.SECTOR
+                n = (last - first + 1) * blkif.SECTOR
+                if extents and extents[-1][0] + extents[-1][1] == gpa:
+                    extents[-1][1] += n
+                else:
+                    extents.append([gpa, n])
+        except _Bad:
+            for ref in mapped:
+                self.grants.unmap(ref)
+            raise
+        iov = tuple(self.memory.gpa_view(g, n) for g, n in extents)
+        return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR, iov,
+                     tuple(mapped))
+
+    def _persistent(self, ref: int) -> int | None:
+        """A persistently mapped frame for ``ref``, mapping it the first time (writable, as
+        Linux maps persistent grants); None when not persistent or not grantable so."""
+        if not self.persistent:
+            return None
+        pfn = self._pgrants.get(ref)
+        if pfn is None and len(self._pgrants) < MAX_PERSISTENT_GRANTS:
+            try:
+                pfn = self.grants.map(ref, self.domid, write=True)
+            except GrantError:
+                return None          # e.g. a read-only grant: map per request instead
+            self._pgrants[ref] = pfn
+        return pfn
+
+    # -- I/O (worker thread) ----------------------------------------------------------------
+    def _execute(self, work: list[_Work]) -> None:
+        img = self.image
+        assert img is not None
+        for w in work:
+            try:
+                if w.kind == Op.READ:
+                    img.preadv(w.iov, w.offset)
+                elif w.kind == Op.WRITE:
+                    img.pwritev(w.iov, w.offset)
+                elif w.kind == Op.FLUSH_DISKCACHE:
+                    if w.iov:
+                        img.pwritev(w.iov, w.offset)
+                    img.flush()
+                elif w.kind == Op.WRITE_BARRIER:
+                    img.flush()
+                    if w.iov:
+                        img.pwritev(w.iov, w.offset)
+                        img.flush()
+                elif w.kind == Op.DISCARD:
+                    img.discard(w.offset, w.length)
+            except OSError as e:
+                log.warning("%s: I/O error: %s", self.path, e)
+                w.status = Status.ERROR
+

@@ -1,0 +1,384 @@
+"""The blkfront-style command engine, transport-neutral (design.md §1; the seed
+``freebsd-xen-blkfront.c``).
+
+* A **shadow table** of commands sized by the ring; a command's index is the request ``id``
+  on the wire, so a response names its command directly.
+* Commands move FREE → READY → BUSY → COMPLETE → FREE. A caller takes a FREE command and the
+  data pages it needs from a bounded page pool, fills the pages (writes), and queues it
+  READY; :meth:`Engine.startio` moves READY commands onto the ring while it has room and
+  the queue is not frozen; the transport's interrupt handler hands responses to
+  :meth:`Engine.complete`, which moves the command to COMPLETE and wakes its caller.
+* **Freeze/thaw**: a caller that finds no free command (``CM_SHORTAGE``) or not enough pool
+  pages (``GNT_SHORTAGE``) waits, in arrival order, until a completion frees them. An
+  *ordered* write on a transport without barriers is single-stepped: it waits until nothing
+  is in flight (``WAIT_IDLE``), goes out alone, and holds back everything behind it until it
+  completes (``Q_FREEZE``). With barriers it goes out as a barrier write and nothing waits.
+* Flush uses the transport's flush, else its barrier; a transport with neither is
+  write-through, so a flush has nothing to do.
+
+The transport (Xen blkif ring, later virtio or storvsc) encodes a command into its ring and
+decodes responses; it owns grant handling through :meth:`Transport.map_command` and
+:meth:`Transport.unmap_command`.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "Command", "CmdOp", "Transport", "PagePool", "Queue"]
+
+SECTOR = 512
+
+
+class CmdOp(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    DISCARD = 3
+
+
+class Queue(enum.IntEnum):
+    NONE = 0
+    FREE = 1
+    READY = 2
+    BUSY = 3
+    COMPLETE = 4
+
+
+class Command:
+    __slots__ = ("id", "op", "sector", "nsectors", "pages", "extra_pages", "ordered",
+                 "status", "done", "queue", "single_step", "refs", "nbytes", "abandoned")
+
+    def __init__(self, cid: int) -> None:
+        self.id = cid
+        self.op = CmdOp.READ
+        self.sector = 0
+        self.nsectors = 0
+        self.nbytes = 0
+        self.pages: list[int] = []          # data pages (PFNs) in order
+        self.extra_pages: list[int] = []    # transport pages (e.g. indirect segment tables)
+        self.ordered = False
+        self.single_step = False
+        self.status = 0
+        self.done = trio.Event()
+        self.queue = Queue.FREE
+        self.refs: list[int] = []           # transport's grant references for this command
+        self.abandoned = False              # its caller was cancelled while it was BUSY
+
+
+class Transport(Protocol):
+    max_segments: int             # data pages per command
+    has_flush: bool
+    has_barrier: bool
+    has_discard: bool
+
+    def ring_free(self) -> int: ...
+    def extra_pages_for(self, nsegs: int) -> int: ...
+    def map_command(self, cmd: Command) -> None: ...
+    def post(self, cmd: Command) -> None: ...
+    def push(self) -> None: ...
+    def unmap_command(self, cmd: Command) -> None: ...
+
+
+class PagePool:
+    """A fixed set of guest frames lent to commands; first-fit, preferring contiguous runs
+    so a backend can merge them into one I/O vector entry."""
+
+    def __init__(self, memory: GuestMemory, nr_pages: int) -> None:
+        self.memory = memory
+        self.base = memory.alloc(nr_pages)
+        self.nr_pages = nr_pages
+        self._free: list[list[int]] = [[self.base, nr_pages]]
+        self.free_pages = nr_pages
+
+    def alloc(self, n: int) -> list[int]:
+        assert 0 < n <= self.free_pages
+        out: list[int] = []
+        for ext in self._free:            # a single run if there is one
+            if ext[1] >= n:
+                out = list(range(ext[0], ext[0] + n))
+                ext[0] += n
+                ext[1] -= n
+                break
+        else:
+            for ext in self._free:
+                take = min(ext[1], n - len(out))
+                out.extend(range(ext[0], ext[0] + take))
+                ext[0] += take
+                ext[1] -= take
+                if len(out) == n:
+                    break
+        self._free = [e for e in self._free if e[1]]
+        self.free_pages -= n
+        return out
+
+    def release(self, pfns: Sequence[int]) -> None:
+        if not pfns:
+            return
+        runs: list[list[int]] = []
+        for p in pfns:
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+        merged: list[list[int]] = []
+        for ext in sorted(self._free + runs):
+            if merged and merged[-1][0] + merged[-1][1] == ext[0]:
+                merged[-1][1] += ext[1]
+            else:
+                merged.append(list(ext))
+        self._free = merged
+        self.free_pages += len(pfns)
+
+    def view(self, pfn: int) -> memoryview:
+        return self.memory.view(pfn)
+
+
+class Engine:
+    def __init__(self, memory: GuestMemory, transport: Transport, nr_commands: int,
+                 pool_pages: int) -> None:
+        self.memory = memory
+        self.transport = transport
+        self.shadow = [Command(i) for i in range(nr_commands)]
+        self.free: collections.deque[Command] = collections.deque(self.shadow)
+        self.ready: collections.deque[Command] = collections.deque()
+        self.busy: dict[int, Command] = {}
+        self.complete_q: collections.deque[Command] = collections.deque()
+        need = transport.max_segments + transport.extra_pages_for(transport.max_segments)
+        self.pool = PagePool(memory, max(pool_pages, need))
+        self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
+        self.frozen_step = False        # Q_FREEZE: a single-stepped command is in flight
+        self.connected = True
+        # counters for tests and diagnostics
+        self.freezes = {"cm_shortage": 0, "gnt_shortage": 0, "wait_idle": 0}
+        self.posted = 0
+        self.bogus_responses = 0
+
+    @property
+    def max_bytes(self) -> int:
+        return self.transport.max_segments * PAGE_SIZE
+
+    # -- command allocation with freeze/thaw ------------------------------------------------
+    async def _get(self, npages: int) -> Command:
+        extra = self.transport.extra_pages_for(npages)
+        need = npages + extra
+        if need > self.pool.nr_pages:
+            raise OSError(errno.EINVAL, f"a command of {npages} pages exceeds the pool")
+        if self._waiters or not self.free or self.pool.free_pages < need:
+            if not self.free:
+                self.freezes["cm_shortage"] += 1
+            else:
+                self.freezes["gnt_shortage"] += 1
+            ev = trio.Event()
+            entry = (need, ev)
+            self._waiters.append(entry)
+            try:
+                await ev.wait()
+            except BaseException:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
+                else:
+                    self._thaw()      # we were woken but leave: pass the turn on
+                raise
+            if self._waiters and self._waiters[0] is entry:
+                self._waiters.popleft()
+        if not self.connected:
+            raise OSError(errno.EIO, "disk disconnected")
+        cmd = self.free.popleft()
+        cmd.queue = Queue.NONE
+        data = self.pool.alloc(npages) if npages else []
+        cmd.pages = data
+        cmd.extra_pages = self.pool.alloc(extra) if extra else []
+        cmd.done = trio.Event()
+        cmd.status = 0
+        cmd.ordered = cmd.single_step = cmd.abandoned = False
+        if self._waiters:
+            self._thaw()
+        return cmd
+
+    def _thaw(self) -> None:
+        """Wake the first waiter if what it needs is now free (arrival order is kept)."""
+        if self._waiters and self.free and self.pool.free_pages >= self._waiters[0][0]:
+            self._waiters[0][1].set()
+
+    def _put(self, cmd: Command) -> None:
+        self.pool.release(cmd.pages)
+        self.pool.release(cmd.extra_pages)
+        cmd.pages, cmd.extra_pages = [], []
+        cmd.queue = Queue.FREE
+        self.free.append(cmd)
+        self._thaw()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def startio(self) -> None:
+        """Move READY commands to the ring while there is room and nothing holds them."""
+        t = self.transport
+        queued = 0
+        while self.ready and not self.frozen_step and t.ring_free() > 0:
+            cmd = self.ready[0]
+            if cmd.ordered and not t.has_barrier:
+                cmd.single_step = True
+                if self.busy:
+                    self.freezes["wait_idle"] += 1
+                    break                      # WAIT_IDLE: thawed when BUSY drains
+            self.ready.popleft()
+            if cmd.single_step:
+                self.frozen_step = True
+            t.map_command(cmd)
+            t.post(cmd)
+            cmd.queue = Queue.BUSY
+            self.busy[cmd.id] = cmd
+            queued += 1
+        if queued:
+            self.posted += queued
+            t.push()
+
+    def complete(self, cid: int, status: int) -> None:
+        """A response arrived for command ``cid`` (called by the transport's interrupt
+        handler). Responses may come in any order; a response naming no busy command is
+        counted and ignored."""
+        cmd = self.busy.pop(cid, None) if 0 <= cid < len(self.shadow) else None
+        if cmd is None:
+            self.bogus_responses += 1
+            log.warning("response for command %d, which is not in flight; ignored", cid)
+            return
+        self.transport.unmap_command(cmd)
+        if cmd.single_step:
+            self.frozen_step = False
+        cmd.status = status
+        if cmd.abandoned:
+            self._put(cmd)
+            return
+        cmd.queue = Queue.COMPLETE
+        self.complete_q.append(cmd)
+        cmd.done.set()
+
+    def fail_all(self) -> None:
+        """The ring is gone: fail every queued and in-flight command."""
+        self.connected = False
+        for cmd in list(self.busy.values()) + list(self.ready):
+            cmd.status = -1
+            cmd.queue = Queue.COMPLETE
+            cmd.done.set()
+        self.busy.clear()
+        self.ready.clear()
+        for _, ev in self._waiters:
+            ev.set()
+
+    async def _run(self, cmd: Command) -> int:
+        cmd.queue = Queue.READY
+        self.ready.append(cmd)
+        self.startio()
+        try:
+            await cmd.done.wait()
+        finally:
+            if cmd.queue == Queue.COMPLETE:
+                self.complete_q.remove(cmd)
+                self._put(cmd)
+            elif cmd.queue == Queue.READY:     # cancelled before it reached the ring
+                self.ready.remove(cmd)
+                self._put(cmd)
+            elif cmd.queue == Queue.BUSY:      # freed when its response arrives
+                cmd.abandoned = True
+        self.startio()
+        return cmd.status
+
+    def _check(self, status: int, what: str) -> None:
+        if status == 0:
+            return
+        if status == -2:
+            raise OSError(errno.EOPNOTSUPP, f"{what}: not supported by the backend")
+        raise OSError(errno.EIO, f"{what}: backend reported an I/O error ({status})")
+
+    # -- the operations the block layer uses ------------------------------------------------
+    async def read(self, sector: int, out: memoryview) -> None:
+        """Read ``len(out)`` bytes (a multiple of 512, at most :attr:`max_bytes`)."""
+        n = len(out)
+        npages = -(-n // PAGE_SIZE)
+        cmd = await self._get(npages)
+        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
+        status = await self._run_keep(cmd)
+        try:
+            if status == 0:
+                mem = self.memory
+                for i, pfn in enumerate(cmd.pages):
+                    chunk = min(PAGE_SIZE, n - i * PAGE_SIZE)
+                    out[i * PAGE_SIZE:i * PAGE_SIZE + chunk] = mem.view(pfn)[:chunk]
+        finally:
+            self._release(cmd)
+        self._check(status, f"read at sector {sector}")
+
+    async def _run_keep(self, cmd: Command) -> int:
+        """Like :meth:`_run` but leaves the completed command to the caller (reads copy
+        their data out of the pages first)."""
+        cmd.queue = Queue.READY
+        self.ready.append(cmd)
+        self.startio()
+        try:
+            await cmd.done.wait()
+        except BaseException:
+            if cmd.queue == Queue.READY:
+                self.ready.remove(cmd)
+                self._put(cmd)
+            elif cmd.queue == Queue.BUSY:
+                cmd.abandoned = True
+            raise
+        return cmd.status
+
+    def _release(self, cmd: Command) -> None:
+        if cmd.queue == Queue.COMPLETE:
+            self.complete_q.remove(cmd)
+            self._put(cmd)
+        self.startio()
+
+    async def write(self, sector: int, data: memoryview, ordered: bool = False) -> None:
+        n = len(data)
+        npages = -(-n // PAGE_SIZE)
+        cmd = await self._get(npages)
+        mem = self.memory
+        for i, pfn in enumerate(cmd.pages):
+            chunk = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            mem.view(pfn)[:len(chunk)] = chunk
+        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.WRITE, sector, n // SECTOR, n
+        cmd.ordered = ordered
+        self._check(await self._run(cmd), f"write at sector {sector}")
+
+    async def flush(self) -> None:
+        t = self.transport
+        if not (t.has_flush or t.has_barrier):
+            return                      # write-through: nothing is cached
+        cmd = await self._get(0)
+        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.FLUSH, 0, 0, 0
+        cmd.ordered = not t.has_flush   # a barrier-only flush is an ordered empty write
+        self._check(await self._run(cmd), "flush")
+
+    async def discard(self, sector: int, nsectors: int) -> None:
+        if not self.transport.has_discard:
+            raise OSError(errno.EOPNOTSUPP, "the backend does not offer discard")
+        cmd = await self._get(0)
+        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.DISCARD, sector, nsectors, 0
+        self._check(await self._run(cmd), f"discard at sector {sector}")
+
+    async def drain(self, deadline: float) -> bool:
+        """Wait (at most ``deadline`` seconds) until nothing is queued or in flight."""
+        with trio.move_on_after(deadline):
+            while self.busy or self.ready:
+                await trio.sleep(0.01)
+            return True
+        return False
+
+    def leaked(self) -> int:
+        """Commands neither free nor accounted for in a queue — must be 0 when idle."""
+        return len(self.shadow) - len(self.free) - len(self.busy) - len(self.ready) - \
+            len(self.complete_q)

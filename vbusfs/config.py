@@ -19,9 +19,14 @@ import blake3
 
 from vbusfs.protocols import vmbus as m
 from vbusfs.protocols.guid import parse_guid
+from vbusfs.protocols.xenbus import Vdev, parse_vdev
 
-__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "load",
-           "load_default", "parse", "DEFAULT_CONFIG", "derive_guid", "parse_size"]
+__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "XenConfig",
+           "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse", "DEFAULT_CONFIG",
+           "derive_guid", "parse_size"]
+
+#: optional blkback features a disk may offer (reference/protocols.md §1.4)
+VBD_FEATURES = ("flush", "barrier", "discard", "persistent")
 
 
 class ConfigError(ValueError):
@@ -47,11 +52,33 @@ class VmbusDeviceConfig:
 
 
 @dataclass(frozen=True)
+class VbdConfig:
+    vdev: Vdev
+    image: Path
+    size: int
+    readonly: bool
+    sector_size: int
+    max_ring_page_order: int
+    indirect_segments: int
+    features: frozenset[str]
+    key: str
+
+
+@dataclass(frozen=True)
+class XenConfig:
+    domid: int
+    uuid: uuid.UUID
+    version: tuple[int, int]
+    vbds: tuple[VbdConfig, ...] = field(default=())
+
+
+@dataclass(frozen=True)
 class Config:
     machine: MachineConfig
     vmbus_version: m.Version
     vmbus_devices: tuple[VmbusDeviceConfig, ...] = field(default=())
     source: str = "<embedded default>"
+    xen: XenConfig | None = None
 
 
 def parse_size(text: str | int) -> int:
@@ -113,6 +140,24 @@ VMBUS_DEVICE_KEYS: dict[str, Row] = {
 }
 
 
+XEN_KEYS: dict[str, Row] = {
+    "domid": (int, "a domain id", 1),
+    "uuid": (str, "a UUID", None),
+    "version": (str, "a Xen version such as \"4.17\"", "4.17"),
+    "vbd": (list, "an array of tables", []),
+}
+VBD_KEYS: dict[str, Row] = {
+    "vdev": ((str, int), "a virtual device such as \"xvda\" or 51712", ...),
+    "image": (str, "an image path", None),
+    "size": ((str, int), "a size", "1G"),
+    "readonly": (bool, "true or false", False),
+    "sector_size": (int, "512 or 4096", 512),
+    "max_ring_page_order": (int, "0 to 4", 4),
+    "indirect_segments": (int, "0 or 12 to 4096", 256),
+    "features": (list, "a list of feature names", list(VBD_FEATURES)),
+}
+
+
 def _section(key: str, table: Any, rows: dict[str, Row]) -> dict[str, Any]:
     _typed(key, table, dict, "a table")
     _no_unknown(key, table, rows)
@@ -136,7 +181,7 @@ def _convert(key: str, fn: Callable[[Any], Any], value: Any) -> Any:
 
 
 def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
-    _no_unknown("", doc, {"machine": 0, "vmbus": 0})
+    _no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0})
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
     mach = _section("machine", doc["machine"], MACHINE_KEYS)
@@ -181,7 +226,62 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
         devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key))
     if len(devices) > 128 and sum(d.monitor for d in devices) > 128:
         raise ConfigError("vmbus.device", "more than 128 monitored channels")
-    return Config(machine, version, tuple(devices), source)
+    xen = _parse_xen(doc["xen"], machine) if "xen" in doc else None
+    return Config(machine, version, tuple(devices), source, xen)
+
+
+def _parse_version(text: str) -> tuple[int, int]:
+    parts = text.split(".")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[1]) > 255:
+        raise ValueError(f"not a Xen version: {text!r} (example: \"4.17\")")
+    return int(parts[0]), int(parts[1])
+
+
+def _parse_xen(raw: Any, machine: MachineConfig) -> XenConfig:
+    x = _section("xen", raw, XEN_KEYS)
+    if not 1 <= x["domid"] < 0x7FF0:
+        raise ConfigError("xen.domid", f"{x['domid']} is not a guest domain id (1..32751)")
+    dom_uuid = _convert("xen.uuid", parse_guid, x["uuid"]) if x["uuid"] else \
+        derive_guid(machine.name, "xen", "uuid")
+    version = _convert("xen.version", _parse_version, x["version"])
+    vbds: list[VbdConfig] = []
+    seen: dict[str, str] = {}
+    images: dict[Path, str] = {}
+    for i, rawv in enumerate(x["vbd"]):
+        key = f"xen.vbd[{i}]"
+        v = _section(key, rawv, VBD_KEYS)
+        vdev = _convert(f"{key}.vdev", parse_vdev, v["vdev"])
+        if vdev.name in seen:
+            raise ConfigError(f"{key}.vdev", f"{vdev.name} is also {seen[vdev.name]}")
+        seen[vdev.name] = key
+        image = Path(v["image"] or f"{vdev.name}.img")
+        if not image.is_absolute():
+            image = machine.state_dir / image
+        if image in images:
+            raise ConfigError(f"{key}.image", f"{image} is also the image of {images[image]}")
+        images[image] = key
+        size = _convert(f"{key}.size", parse_size, v["size"])
+        if v["sector_size"] not in (512, 1024, 2048, 4096):
+            raise ConfigError(f"{key}.sector_size", f"{v['sector_size']} is not 512, 1024, "
+                              "2048 or 4096")
+        if size <= 0 or size % v["sector_size"]:
+            raise ConfigError(f"{key}.size", f"{size} is not a positive multiple of the "
+                              f"{v['sector_size']}-byte sector size")
+        if not 0 <= v["max_ring_page_order"] <= 4:
+            raise ConfigError(f"{key}.max_ring_page_order",
+                              f"{v['max_ring_page_order']} is not between 0 and 4")
+        ind = v["indirect_segments"]
+        if ind != 0 and not 12 <= ind <= 4096:
+            raise ConfigError(f"{key}.indirect_segments", f"{ind} is not 0 (off) or between "
+                              "12 and 4096 (8 pages of 512 segments)")
+        feats = v["features"]
+        for j, f in enumerate(feats):
+            if f not in VBD_FEATURES:
+                raise ConfigError(f"{key}.features[{j}]", f"unknown feature {f!r} (known: "
+                                  + ", ".join(VBD_FEATURES) + ")")
+        vbds.append(VbdConfig(vdev, image, size, v["readonly"], v["sector_size"],
+                              v["max_ring_page_order"], ind, frozenset(feats), key))
+    return XenConfig(x["domid"], dom_uuid, version, tuple(vbds))
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -197,9 +297,10 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(doc, p.resolve().parent, str(p))
 
 
-#: A typical Hyper-V generation-2 guest. The integration services and the first SCSI
-#: controller use the instance GUIDs Hyper-V/Azure use (reference/hv-services.md §2.7,
-#: reference/sysfs.md §1.5), so tools that look for them find them.
+#: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB,
+#: sparse images in the state directory) so the block path is there out of the box. The
+#: integration services and the first SCSI controller use the instance GUIDs Hyper-V/Azure
+#: use (reference/hv-services.md §2.7, reference/sysfs.md §1.5), so tools find them.
 DEFAULT_CONFIG = """\
 [machine]
 name = "hyperv-gen2"
@@ -251,6 +352,17 @@ type = "nic"
 [[vmbus.device]]
 type = "scsi"
 instance = "f8b3781a-1e82-4818-a1c3-63d806ec15bb"
+
+[xen]
+domid = 1
+
+[[xen.vbd]]
+vdev = "xvda"
+size = "1G"
+
+[[xen.vbd]]
+vdev = "xvdb"
+size = "256M"
 """
 
 

@@ -19,15 +19,24 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from backends.registry import vmbus_channel_specs
+from backends.registry import vmbus_channel_specs, xen_vbd_specs
 from backends.vmbus.host import VmbusHost
+from backends.xen.blkback import Blkback
+from backends.xen.toolstack import Toolstack, version_info
+from backends.xen.xenstore import Store, XenstoreDaemon
 from vbusfs import __version__
 from vbusfs.config import Config
+from vbusfs.drivers.blkfront import BlkfrontEnv, blkfront_driver
+from vbusfs.drivers.sys_hypervisor import add_sys_hypervisor
 from vbusfs.drivers.vmbus import VmbusBus
+from vbusfs.drivers.xenbus import XenBus
+from vbusfs.drivers.xenstore_client import XenstoreClient
 from vbusfs.fs import VbusFS
+from vbusfs.platform.event_channel import EventChannels
+from vbusfs.platform.grant_table import GrantTable
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.synic import Synic
-from vbusfs.sysfs import Attribute, Tree
+from vbusfs.sysfs import Attribute, Directory, Tree
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +57,29 @@ class Machine:
         self.tree = Tree()
         self.tree.root.makedirs("sys/devices")
         self.tree.root.dir("dev")
+        self.control = self.tree.root.mkdir(CONTROL_DIR)
         self.host = VmbusHost(self.synic, self.memory, vmbus_channel_specs(config),
                               config.vmbus_version)
         self.vmbus = VmbusBus(self.synic, self.memory, self.tree, config.machine.cpus)
+        self.xen: XenMachine | None = None
+        if config.xen is not None:
+            self.xen = XenMachine(self, self.control.mkdir("block"))
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Run the host and bring the guest up; returns once the guest is fully probed."""
+        """Run the hosts and bring the guest up; returns once the guest is fully probed."""
         await nursery.start(self.host.run)
+        if self.xen is not None:
+            await self.xen.start(nursery)
         await nursery.start(self.vmbus.run)
 
     async def stop(self) -> None:
         with trio.move_on_after(SHUTDOWN_DEADLINE):
+            if self.xen is not None:
+                await self.xen.xenbus.close_all(SHUTDOWN_DEADLINE / 2)
             await self.vmbus.unload()
 
     def add_control_files(self, mountpoint: str, request_stop: Callable[[], None]) -> None:
-        ctl = self.tree.root.mkdir(CONTROL_DIR)
+        ctl = self.control
         cfg = self.config
 
         def store_control(text: str) -> None:
@@ -87,11 +104,63 @@ class Machine:
             "pid": os.getpid(),
             "buses": {"vmbus": {
                 "version": self.vmbus.version.text if self.vmbus.version else None,
-                "devices": len(self.vmbus.devices)}},
+                "devices": len(self.vmbus.devices)},
+                **({"xen": self.xen.status()} if self.xen is not None else {})},
         }
 
     def close(self) -> None:
         self.memory.close()
+
+
+class XenMachine:
+    """The Xen half of a machine: xenstored, the toolstack's entries, one blkback per disk
+    (host side); the xenstore client, xenbus and blkfront (guest side), joined only by
+    guest memory, the grant table and event channels."""
+
+    def __init__(self, machine: Machine, block_control: Directory) -> None:
+        cfg = machine.config.xen
+        assert cfg is not None
+        self.domid = cfg.domid
+        mem = machine.memory
+        self.evtchn = EventChannels()
+        self.grants = GrantTable(mem, cfg.domid)
+        self.store = Store()
+        self.xenstored = XenstoreDaemon(self.store, mem, self.evtchn)
+        self.toolstack = Toolstack(self.store, cfg.domid, machine.config.machine.name,
+                                   cfg.uuid)
+        self.toolstack.create_domain()
+        self.specs = xen_vbd_specs(machine.config)
+        for spec in self.specs:
+            self.toolstack.add_vbd(spec)
+        self.blkbacks = [Blkback(self.store, self.grants, self.evtchn, mem, spec, cfg.domid)
+                         for spec in self.specs]
+        # start_info: the guest's xenstore page and its pre-bound event channel
+        self.xs_pfn = mem.alloc(1)
+        guest_port = self.evtchn.alloc_unbound(cfg.domid, 0)
+        host_port = self.evtchn.bind_interdomain(0, cfg.domid, guest_port)
+        self.xenstored.introduce(cfg.domid, self.xs_pfn, host_port)
+        self.client = XenstoreClient(mem, self.evtchn, cfg.domid, self.xs_pfn, guest_port)
+        env = BlkfrontEnv(mem, self.grants, self.evtchn, self.client, machine.tree, cfg.domid,
+                          block_control)
+        self.xenbus = XenBus(machine.tree, self.client, self.evtchn, cfg.domid,
+                             {"vbd": blkfront_driver(env)})
+        add_sys_hypervisor(machine.tree, version_info(cfg.domid, cfg.uuid, cfg.version))
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.xenstored.serve, self.domid)
+        for be in self.blkbacks:
+            await nursery.start(be.run)
+        await nursery.start(self.client.run)
+        await nursery.start(self.xenbus.run)
+        failed = [d for d in self.xenbus.devices.values() if d.bound and d.close is None]
+        if failed or self.xenbus.probe_failures:
+            raise OSError(errno.EIO, "xen: a disk failed to connect: " + ", ".join(
+                d.name for d in failed) + " (see the log)")
+
+    def status(self) -> dict[str, object]:
+        dev = self.xenbus.tree.resolve("dev")
+        disks = sorted(dev.children) if isinstance(dev, Directory) else []
+        return {"domid": self.domid, "devices": sorted(self.xenbus.devices), "disks": disks}
 
 
 def _mount_options() -> set[str]:

@@ -1,0 +1,380 @@
+"""blkfront: the Xen virtual-disk frontend (Linux ``xen-blkfront.c``, the seed).
+
+Connection (reference/sysfs.md §2.3): wait for the backend's InitWait; negotiate the ring
+size (min of ``max-ring-page-order`` and ours), allocate and grant the ring pages, allocate
+an event channel, write ``ring-ref``/``ring-refN``, ``ring-page-order``, ``event-channel``,
+``protocol`` and ``feature-persistent`` in one transaction and go Initialised; when the
+backend is Connected read ``sectors``/``info``/``sector-size``/``physical-sector-size`` and
+the features, create the gendisk and go Connected. Backend Closing, device removal or
+shutdown: stop new I/O, drain what is in flight (with a deadline), end every grant, free the
+ring, go Closing then Closed.
+
+:class:`BlkifTransport` puts engine commands on the blkif ring: up to 11 direct segments, or
+an indirect request whose segment tables sit in granted pages; ordered writes become
+``WRITE_BARRIER`` when the backend offers barriers; flush is ``FLUSH_DISKCACHE`` or an empty
+barrier. With persistent grants every pool page is granted once for the life of the
+connection; otherwise each command grants its pages (read-only when the backend only reads
+them) and ends those grants when its response arrives.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from vbusfs.block.engine import CmdOp, Command, Engine
+from vbusfs.block.gendisk import Disk, QueueLimits, add_disk, del_disk
+from vbusfs.drivers.xenbus import XenbusDevice
+from vbusfs.drivers.xenstore_client import XenstoreClient
+from vbusfs.platform.event_channel import EventChannels
+from vbusfs.platform.grant_table import GrantTable
+from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
+from vbusfs.protocols import blkif
+from vbusfs.protocols.blkif import Op
+from vbusfs.protocols.xen_ring import FrontRing, sring_init
+from vbusfs.protocols.xenbus import PROTOCOL_NATIVE, XENVBD_MAJOR, State, parse_vdev
+from vbusfs.sysfs import Directory, Tree
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BlkifTransport", "BlkfrontEnv", "blkfront_driver", "MAX_RING_PAGE_ORDER",
+           "MAX_INDIRECT_SEGMENTS"]
+
+MAX_RING_PAGE_ORDER = 4          # XENBUS_MAX_RING_GRANT_ORDER
+MAX_INDIRECT_SEGMENTS = 256      # what this frontend asks for at most
+POOL_PAGES = 1024                # data pages per disk (4 MiB); more in flight waits
+DRAIN_DEADLINE = 5.0
+_M32 = 0xFFFFFFFF
+
+
+@dataclass
+class BlkfrontEnv:
+    memory: GuestMemory
+    grants: GrantTable
+    evtchn: EventChannels
+    client: XenstoreClient
+    tree: Tree
+    domid: int
+    control: Directory | None = None      # MNT/.vbusfs/block, for per-disk control files
+
+
+class BlkifTransport:
+    def __init__(self, env: BlkfrontEnv, ring: FrontRing, port: int, backend_id: int,
+                 handle: int, max_segments: int, has_flush: bool, has_barrier: bool,
+                 has_discard: bool, persistent: bool) -> None:
+        self.env = env
+        self.ring = ring
+        self.port = port
+        self.backend_id = backend_id
+        self.handle = handle & 0xFFFF
+        self.max_segments = max_segments
+        self.indirect = max_segments > blkif.MAX_SEGMENTS_PER_REQUEST
+        self.has_flush = has_flush
+        self.has_barrier = has_barrier
+        self.has_discard = has_discard
+        self.persistent = persistent
+        self.pgrants: dict[int, int] = {}          # pfn -> ref (persistent)
+        self.leaked_grants = 0
+        self.notifications = 0
+
+    def grant_pool(self, first: int, count: int) -> None:
+        for pfn in range(first, first + count):
+            self.pgrants[pfn] = self.env.grants.grant_access(self.backend_id, pfn, False)
+
+    def end_pool(self) -> None:
+        for ref in self.pgrants.values():
+            if not self.env.grants.end_access(ref):
+                self.leaked_grants += 1
+        self.pgrants.clear()
+
+    def ring_free(self) -> int:
+        return self.ring.free_requests()
+
+    def extra_pages_for(self, nsegs: int) -> int:
+        if nsegs <= blkif.MAX_SEGMENTS_PER_REQUEST:
+            return 0
+        return -(-nsegs // blkif.SEGMENTS_PER_INDIRECT_PAGE)
+
+    def map_command(self, cmd: Command) -> None:
+        g = self.env.grants
+        if self.persistent:
+            cmd.refs = [self.pgrants[p] for p in cmd.pages] + \
+                [self.pgrants[p] for p in cmd.extra_pages]
+            return
+        ro = cmd.op != CmdOp.READ          # the backend only reads what we write
+        cmd.refs = [g.grant_access(self.backend_id, p, ro) for p in cmd.pages] + \
+            [g.grant_access(self.backend_id, p, True) for p in cmd.extra_pages]
+
+    def unmap_command(self, cmd: Command) -> None:
+        if not self.persistent:
+            for ref in cmd.refs:
+                if not self.env.grants.end_access(ref):
+                    self.leaked_grants += 1       # still mapped by the backend
+        cmd.refs = []
+
+    def _segments(self, cmd: Command) -> list[tuple[int, int]]:
+        """(ref, last_sect) per data page; data always starts at sector 0 of a page."""
+        out = []
+        left = cmd.nsectors
+        for i in range(len(cmd.pages)):
+            n = min(left, PAGE_SIZE // blkif.SECTOR)
+            out.append((cmd.refs[i], n - 1))
+            left -= n
+        return out
+
+    def post(self, cmd: Command) -> None:
+        ring = self.ring
+        view = ring.view
+        off = ring.slot_offset(ring.req_prod_pvt)
+        if cmd.op == CmdOp.DISCARD:
+            blkif.DISCARD.pack_into(view, off, Op.DISCARD, 0, self.handle, cmd.id, cmd.sector,
+                                    cmd.nsectors)
+        elif cmd.op == CmdOp.FLUSH:
+            op = Op.FLUSH_DISKCACHE if self.has_flush else Op.WRITE_BARRIER
+            blkif.REQUEST_HEAD.pack_into(view, off, op, 0, self.handle, cmd.id, cmd.sector)
+        else:
+            op = Op.READ if cmd.op == CmdOp.READ else \
+                Op.WRITE_BARRIER if cmd.ordered and self.has_barrier else Op.WRITE
+            segs = self._segments(cmd)
+            if len(segs) <= blkif.MAX_SEGMENTS_PER_REQUEST:
+                blkif.REQUEST_HEAD.pack_into(view, off, op, len(segs), self.handle, cmd.id,
+                                             cmd.sector)
+                at = off + blkif.REQUEST_HEAD.size
+                for ref, last in segs:
+                    blkif.SEGMENT.pack_into(view, at, ref, 0, last)
+                    at += blkif.SEGMENT.size
+            else:
+                mem = self.env.memory
+                per = blkif.SEGMENTS_PER_INDIRECT_PAGE
+                for i, pfn in enumerate(cmd.extra_pages):
+                    page = mem.view(pfn)
+                    for j, (ref, last) in enumerate(segs[i * per:(i + 1) * per]):
+                        blkif.SEGMENT.pack_into(page, j * blkif.SEGMENT.size, ref, 0, last)
+                irefs = cmd.refs[len(cmd.pages):]
+                grefs = irefs + [0] * (blkif.MAX_INDIRECT_PAGES - len(irefs))
+                blkif.INDIRECT.pack_into(view, off, Op.INDIRECT, op, len(segs), cmd.id,
+                                         cmd.sector, self.handle, *grefs)
+        ring.req_prod_pvt = (ring.req_prod_pvt + 1) & _M32
+
+    def push(self) -> None:
+        if self.ring.push_requests_and_check_notify():
+            self.notifications += 1
+            self.env.evtchn.send(self.env.domid, self.port)
+
+
+def blkfront_driver(env: BlkfrontEnv) -> Callable[[XenbusDevice],
+                                                  Callable[..., Awaitable[None]]]:
+    def bind(dev: XenbusDevice) -> Callable[..., Awaitable[None]]:
+        return Blkfront(env, dev).run
+    return bind
+
+
+class Blkfront:
+    def __init__(self, env: BlkfrontEnv, dev: XenbusDevice) -> None:
+        self.env = env
+        self.dev = dev
+        self.client: XenstoreClient = env.client
+        self.backend = ""
+        self.backend_id = 0
+        self.backend_state = State.UNKNOWN
+        self._be_changed = trio.Event()
+        self.ring_pfn = 0
+        self.ring_pages = 0
+        self.ring_refs: list[int] = []
+        self.port = 0
+        self.transport: BlkifTransport | None = None
+        self.engine: Engine | None = None
+        self.disk: Disk | None = None
+        self._closing = False
+        self._closed = trio.Event()
+
+    # -- helpers ----------------------------------------------------------------------------
+    async def _be_int(self, key: str, default: int) -> int:
+        return await self.client.read_int(f"{self.backend}/{key}", default)
+
+    async def _wait_backend(self, *states: State) -> None:
+        while self.backend_state not in states:
+            if self.backend_state in (State.CLOSING, State.CLOSED) and \
+                    State.CLOSING not in states:
+                raise OSError(errno.ENODEV, f"{self.backend} closed during negotiation")
+            await self._be_changed.wait()
+
+    async def _follow_backend(self, watch: trio.MemoryReceiveChannel[str]) -> None:
+        async for _ in watch:
+            try:
+                self.backend_state = State(await self._be_int("state", State.UNKNOWN))
+            except (OSError, ValueError):
+                self.backend_state = State.UNKNOWN
+            self._be_changed.set()
+            self._be_changed = trio.Event()
+            if self.backend_state == State.CLOSING and self.disk is not None and \
+                    not self._closing:
+                log.info("%s: backend is closing; removing the disk", self.dev.name)
+                await self.close()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        dev = self.dev
+        self.backend = await self.client.read(f"{dev.nodename}/backend")
+        self.backend_id = await self.client.read_int(f"{dev.nodename}/backend-id", 0)
+        dev.otherend, dev.otherend_id = self.backend, self.backend_id
+        token = f"otherend-{dev.name}"
+        watch = await self.client.watch(f"{self.backend}/state", token)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_backend, watch)
+                await self._wait_backend(State.INIT_WAIT, State.CONNECTED)
+                await self._talk_to_blkback()
+                await self._wait_backend(State.CONNECTED)
+                await self._connect()
+                dev.close = self.close
+                nursery.start_soon(self._interrupt)
+                task_status.started()
+                await self._closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                self._teardown()
+                try:
+                    await self.client.unwatch(f"{self.backend}/state", token)
+                except OSError:
+                    pass
+
+    async def _talk_to_blkback(self) -> None:
+        env, dev = self.env, self.dev
+        be_order = await self._be_int("max-ring-page-order", 0)
+        order = max(0, min(be_order, MAX_RING_PAGE_ORDER))
+        self.ring_pages = 1 << order
+        self.ring_pfn = env.memory.alloc(self.ring_pages)
+        sring_init(env.memory.view(self.ring_pfn, self.ring_pages))
+        self.ring_refs = [env.grants.grant_access(self.backend_id, self.ring_pfn + i, False)
+                          for i in range(self.ring_pages)]
+        self.port = env.evtchn.alloc_unbound(env.domid, self.backend_id)
+        dev.port = self.port
+        persistent = await self._be_int("feature-persistent", 0)
+        node = dev.nodename
+        for _attempt in range(10):
+            try:
+                async with self.client.transaction() as tx:
+                    if self.ring_pages == 1:
+                        await tx.write(f"{node}/ring-ref", str(self.ring_refs[0]))
+                    else:
+                        await tx.write(f"{node}/ring-page-order", str(order))
+                        for i, ref in enumerate(self.ring_refs):
+                            await tx.write(f"{node}/ring-ref{i}", str(ref))
+                    await tx.write(f"{node}/event-channel", str(self.port))
+                    await tx.write(f"{node}/protocol", PROTOCOL_NATIVE)
+                    await tx.write(f"{node}/feature-persistent", "1" if persistent else "0")
+                break
+            except OSError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+        await dev.switch_state(State.INITIALISED)
+
+    async def _connect(self) -> None:
+        env, dev = self.env, self.dev
+        sectors = await self._be_int("sectors", 0)
+        info = await self._be_int("info", 0)
+        sector_size = await self._be_int("sector-size", blkif.SECTOR)
+        physical = await self._be_int("physical-sector-size", sector_size)
+        if sector_size < 512 or sector_size & (sector_size - 1) or sector_size > PAGE_SIZE:
+            raise OSError(errno.EINVAL, f"backend sector-size {sector_size} is not usable")
+        flush = await self._be_int("feature-flush-cache", 0) == 1
+        barrier = await self._be_int("feature-barrier", 0) == 1
+        discard = await self._be_int("feature-discard", 0) == 1
+        persistent = await self._be_int("feature-persistent", 0) == 1
+        indirect = await self._be_int("feature-max-indirect-segments", 0)
+        segs = min(indirect, MAX_INDIRECT_SEGMENTS) \
+            if indirect > blkif.MAX_SEGMENTS_PER_REQUEST else blkif.MAX_SEGMENTS_PER_REQUEST
+        granularity = await self._be_int("discard-granularity", sector_size) if discard else 0
+        ring = FrontRing(env.memory.view(self.ring_pfn, self.ring_pages), blkif.SLOT_SIZE)
+        vdev = parse_vdev(dev.devid)
+        self.transport = t = BlkifTransport(env, ring, self.port, self.backend_id,
+                                            vdev.number, segs, flush, barrier, discard,
+                                            persistent)
+        per_cmd = segs + t.extra_pages_for(segs)
+        self.engine = Engine(env.memory, t, ring.size, min(ring.size * per_cmd, POOL_PAGES))
+        if persistent:
+            t.grant_pool(self.engine.pool.base, self.engine.pool.nr_pages)
+        limits = QueueLimits(
+            logical_block_size=sector_size, physical_block_size=physical,
+            max_segments=segs, nr_requests=ring.size,
+            discard_granularity=granularity, write_cache=flush or barrier, fua=barrier)
+        self.disk = Disk(vdev.name, XENVBD_MAJOR, vdev.minor, vdev.range, sectors,
+                         self.engine, limits, readonly=bool(info & blkif.VDISK_READONLY),
+                         removable=bool(info & blkif.VDISK_REMOVABLE))
+        assert dev.dir is not None
+        add_disk(env.tree, dev.dir, self.disk, env.control)
+        await dev.switch_state(State.CONNECTED)
+
+    async def _interrupt(self) -> None:
+        """``blkif_interrupt``: consume responses, re-arm, restart the queue."""
+        t, engine = self.transport, self.engine
+        assert t is not None and engine is not None
+        ring = t.ring
+        bell = self.env.evtchn.get(self.env.domid, self.port).bell
+        while True:
+            await bell.wait()
+            while True:
+                rp = ring.rsp_prod
+                if (rp - ring.rsp_cons) & _M32 > ((ring.req_prod_pvt - ring.rsp_cons) & _M32):
+                    log.error("%s: backend produced responses for requests never sent "
+                              "(rsp_prod %d); disk failed", self.dev.name, rp)
+                    engine.fail_all()
+                    return
+                view = ring.view
+                while ring.rsp_cons != rp:
+                    rid, _op, status = blkif.RESPONSE.unpack_from(
+                        view, ring.slot_offset(ring.rsp_cons))
+                    ring.rsp_cons = (ring.rsp_cons + 1) & _M32
+                    engine.complete(rid, status)
+                if not ring.final_check_for_responses():
+                    break
+            engine.startio()
+
+    async def close(self) -> None:
+        """Closing → drain → Closed (``blkfront_closing`` / ``xenbus_dev_shutdown``)."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        dev = self.dev
+        await dev.switch_state(State.CLOSING)
+        if self.engine is not None:
+            if not await self.engine.drain(DRAIN_DEADLINE):
+                log.warning("%s: I/O still in flight after %.0f s; failing it", dev.name,
+                            DRAIN_DEADLINE)
+        if self.disk is not None:
+            del_disk(self.env.tree, self.disk, self.env.control)
+        with trio.move_on_after(DRAIN_DEADLINE):
+            await self._wait_backend(State.CLOSING, State.CLOSED)
+        if self.engine is not None:
+            self.engine.fail_all()
+        await dev.switch_state(State.CLOSED)
+        self._closed.set()
+
+    def _teardown(self) -> None:
+        """End every grant and free the ring (the backend has unmapped by now)."""
+        env = self.env
+        if self.engine is not None:
+            self.engine.fail_all()
+        if self.disk is not None and not self.disk.dead:
+            del_disk(env.tree, self.disk, env.control)
+        if self.transport is not None:
+            self.transport.end_pool()
+        for ref in self.ring_refs:
+            if not env.grants.end_access(ref):
+                log.warning("%s: ring grant %d still mapped by the backend", self.dev.name,
+                            ref)
+        self.ring_refs = []
+        if self.port:
+            env.evtchn.close(env.domid, self.port)
+            self.port = self.dev.port = 0
+        if self.ring_pfn:
+            env.memory.free(self.ring_pfn, self.ring_pages)
+            self.ring_pfn = 0

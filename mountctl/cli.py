@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import errno
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ class Verb(enum.Enum):
     UP = "up"
     DOWN = "down"
     STATUS = "status"
+    DISCARD = "discard"
 
 
 class Failure(Exception):
@@ -73,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)
     st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    dc = sub.add_parser(
+        Verb.DISCARD.value, allow_abbrev=False, help="discard a range of a disk",
+        description="Send a discard (trim) for LENGTH bytes at OFFSET of DISK through its "
+                    "ring; the range then reads as zeros. OFFSET and LENGTH take K/M/G "
+                    "suffixes and must be whole logical blocks. (fallocate/blkdiscard cannot "
+                    "reach a FUSE file; this is the way in.)")
+    dc.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)
+    dc.add_argument("mountpoint", metavar="MOUNTPOINT")
+    dc.add_argument("disk", metavar="DISK", help="a disk name such as xvda")
+    dc.add_argument("offset", metavar="OFFSET")
+    dc.add_argument("length", metavar="LENGTH")
     return p
 
 
@@ -190,6 +204,25 @@ def _down(args: argparse.Namespace) -> int:
     raise Failure(mnt, f"service (pid {pid}) did not stop within 30 s")
 
 
+def _discard(args: argparse.Namespace) -> int:
+    from vbusfs.config import parse_size
+    mnt = os.path.abspath(args.mountpoint)
+    ctl = _require_vbusfs(mnt)
+    try:
+        offset, length = parse_size(args.offset), parse_size(args.length)
+    except ValueError as e:
+        raise Failure("discard", str(e), EXIT_USAGE) from None
+    node = ctl / "block" / args.disk / "discard"
+    if not node.exists():
+        raise Failure(args.disk, f"no such disk in {mnt}", EXIT_USAGE)
+    try:
+        node.write_text(f"{offset} {length}\n")
+    except OSError as e:
+        code = EXIT_USAGE if e.errno in (errno.EINVAL, errno.EROFS) else EXIT_FAILURE
+        raise Failure(args.disk, e.strerror or str(e), code) from None
+    return EXIT_OK
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -233,6 +266,21 @@ def _status(args: argparse.Namespace) -> int:
             })
         devs.sort(key=lambda d: d["id"])  # type: ignore[arg-type, return-value]
         buses["vmbus"] = {"version": _read(ctl / "vmbus_version"), "devices": devs}
+    if (bus_root / "xen/devices").is_dir():
+        xdevs = []
+        for entry in sorted((bus_root / "xen/devices").iterdir()):
+            drv = entry / "driver"
+            disks = sorted(p.name for p in (entry / "block").iterdir()) \
+                if (entry / "block").is_dir() else []
+            xdevs.append({
+                "name": entry.name,
+                "id": entry.name.split("-", 1)[-1],
+                "type": _read(entry / "devtype"),
+                "state": _read(entry / "state"),
+                "driver": os.path.basename(os.readlink(drv)) if drv.is_symlink() else None,
+                "disks": disks,
+            })
+        buses["xen"] = {"devices": xdevs}
     doc["buses"] = buses
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -242,8 +290,9 @@ def _status(args: argparse.Namespace) -> int:
     for bus, info in buses.items():
         assert isinstance(info, dict)
         for d in info["devices"]:
-            rows.append((bus, d["name"], str(d["id"]), d["type"], _STATE.get(d["state"], "?"),
-                         d["driver"] or "-"))
+            state = d["state"] if isinstance(d["state"], str) else _STATE.get(d["state"], "?")
+            dtype = d["type"] + (f" ({', '.join(d['disks'])})" if d.get("disks") else "")
+            rows.append((bus, d["name"], str(d["id"]), dtype, state, d["driver"] or "-"))
     header = ("BUS", "DEVICE", "ID", "TYPE", "STATE", "DRIVER")
     table = rows if args.no_legend else [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))] if table else []
@@ -275,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not debug:
         logging.getLogger("vbusfs.drivers.hv_utils").setLevel(logging.WARNING)
         logging.getLogger("backends").setLevel(logging.WARNING)
-    handler = {Verb.UP: _up, Verb.DOWN: _down, Verb.STATUS: _status}[Verb(args.verb)]
+    handler = {Verb.UP: _up, Verb.DOWN: _down, Verb.STATUS: _status,
+               Verb.DISCARD: _discard}[Verb(args.verb)]
     try:
         return handler(args)
     except Failure as e:

@@ -31,6 +31,7 @@ from vbusfs.drivers.sys_hypervisor import add_sys_hypervisor
 from vbusfs.drivers.vmbus import VmbusBus
 from vbusfs.drivers.xenbus import XenBus
 from vbusfs.drivers.xenstore_client import XenstoreClient
+from vbusfs.drivers.xenstore_view import XenstoreView
 from vbusfs.fs import VbusFS
 from vbusfs.platform.event_channel import EventChannels
 from vbusfs.platform.grant_table import GrantTable
@@ -144,6 +145,7 @@ class XenMachine:
                           block_control)
         self.xenbus = XenBus(machine.tree, self.client, self.evtchn, cfg.domid,
                              {"vbd": blkfront_driver(env)})
+        self.view = XenstoreView(machine.tree, self.client)
         add_sys_hypervisor(machine.tree, version_info(cfg.domid, cfg.uuid, cfg.version))
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -152,6 +154,7 @@ class XenMachine:
             await nursery.start(be.run)
         await nursery.start(self.client.run)
         await nursery.start(self.xenbus.run)
+        await nursery.start(self.view.run)
         failed = [d for d in self.xenbus.devices.values() if d.bound and d.close is None]
         if failed or self.xenbus.probe_failures:
             raise OSError(errno.EIO, "xen: a disk failed to connect: " + ", ".join(

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from vbusfs.platform import grant_table as gt
 from vbusfs.protocols import blkif
+from vbusfs.protocols import xenstore as xs
+from vbusfs.protocols.xenbus import State
 from vbusfs.protocols.xen_ring import ring_size
 
 HEADER = Path("/usr/include/xen/io/blkif.h")
@@ -24,6 +27,9 @@ C_PROGRAM = r"""
 #include <stdint.h>
 #include <xen/xen.h>
 #include <xen/io/blkif.h>
+#include <xen/io/xs_wire.h>
+#include <xen/io/xenbus.h>
+#include <xen/grant_table.h>
 #define P(name, value) printf("%s %lu\n", name, (unsigned long)(value))
 int main(void) {
     P("segment", sizeof(struct blkif_request_segment));
@@ -50,6 +56,30 @@ int main(void) {
     P("BLKIF_OP_INDIRECT", BLKIF_OP_INDIRECT);
     P("BLKIF_OP_DISCARD", BLKIF_OP_DISCARD);
     P("BLKIF_OP_FLUSH_DISKCACHE", BLKIF_OP_FLUSH_DISKCACHE);
+    P("xsd_sockmsg", sizeof(struct xsd_sockmsg));
+    P("xs.req_cons", offsetof(struct xenstore_domain_interface, req_cons));
+    P("xs.req_prod", offsetof(struct xenstore_domain_interface, req_prod));
+    P("xs.rsp_cons", offsetof(struct xenstore_domain_interface, rsp_cons));
+    P("xs.rsp_prod", offsetof(struct xenstore_domain_interface, rsp_prod));
+    P("xs.server_features", offsetof(struct xenstore_domain_interface, server_features));
+    P("xs.connection", offsetof(struct xenstore_domain_interface, connection));
+    P("xs.error", offsetof(struct xenstore_domain_interface, error));
+    P("xs.size", sizeof(struct xenstore_domain_interface));
+    P("XENSTORE_PAYLOAD_MAX", XENSTORE_PAYLOAD_MAX);
+    P("XS_WATCH_EVENT", XS_WATCH_EVENT);
+    P("XS_TRANSACTION_END", XS_TRANSACTION_END);
+    P("XS_DIRECTORY_PART", XS_DIRECTORY_PART);
+    P("XS_RESET_WATCHES", XS_RESET_WATCHES);
+    P("XS_ERROR", XS_ERROR);
+    P("XenbusStateReconfigured", XenbusStateReconfigured);
+    P("XenbusStateClosing", XenbusStateClosing);
+    P("grant_entry_v1", sizeof(struct grant_entry_v1));
+    P("grant_entry_v1.domid", offsetof(struct grant_entry_v1, domid));
+    P("grant_entry_v1.frame", offsetof(struct grant_entry_v1, frame));
+    P("GTF_readonly", GTF_readonly);
+    P("GTF_reading", GTF_reading);
+    P("GTF_writing", GTF_writing);
+    P("GNTTAB_NR_RESERVED_ENTRIES", GNTTAB_NR_RESERVED_ENTRIES);
     return 0;
 }
 """
@@ -100,3 +130,26 @@ def test_constants_match_header(c_layout: dict[str, int]) -> None:
 def test_reference_ring_table() -> None:
     # reference/protocols.md §1.1: 1, 2, 4, 8, 16 pages → 32, 64, 128, 256, 512 entries
     assert [ring_size(4096 * p, 112) for p in (1, 2, 4, 8, 16)] == [32, 64, 128, 256, 512]
+
+
+def test_xenstore_wire_matches_header(c_layout: dict[str, int]) -> None:
+    assert c_layout["xsd_sockmsg"] == xs.HEADER.size
+    assert (c_layout["xs.req_cons"], c_layout["xs.req_prod"], c_layout["xs.rsp_cons"],
+            c_layout["xs.rsp_prod"]) == (xs.REQ_CONS, xs.REQ_PROD, xs.RSP_CONS, xs.RSP_PROD)
+    assert (c_layout["xs.server_features"], c_layout["xs.connection"],
+            c_layout["xs.error"]) == (xs.SERVER_FEATURES, xs.CONNECTION, xs.ERROR_FIELD)
+    # Xen 4.17's header ends at `error`; newer ones append evtchn_port right after it
+    assert c_layout["xs.size"] in (xs.EVTCHN_PORT, xs.EVTCHN_PORT + 4)
+    assert c_layout["XENSTORE_PAYLOAD_MAX"] == xs.PAYLOAD_MAX
+    for name in ("WATCH_EVENT", "TRANSACTION_END", "DIRECTORY_PART", "RESET_WATCHES", "ERROR"):
+        assert c_layout[f"XS_{name}"] == xs.XsType[name], name
+    assert c_layout["XenbusStateReconfigured"] == State.RECONFIGURED
+    assert c_layout["XenbusStateClosing"] == State.CLOSING
+
+
+def test_grant_entry_matches_header(c_layout: dict[str, int]) -> None:
+    assert c_layout["grant_entry_v1"] == gt.ENTRY.size
+    assert (c_layout["grant_entry_v1.domid"], c_layout["grant_entry_v1.frame"]) == (2, 4)
+    assert (c_layout["GTF_readonly"], c_layout["GTF_reading"], c_layout["GTF_writing"]) == \
+        (gt.GTF_readonly, gt.GTF_reading, gt.GTF_writing)
+    assert c_layout["GNTTAB_NR_RESERVED_ENTRIES"] == gt.NR_RESERVED_ENTRIES

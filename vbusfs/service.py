@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import pyfuse3
 import trio
@@ -113,12 +114,18 @@ class Machine:
         self.memory.close()
 
 
+class MachineParts(Protocol):
+    config: Config
+    memory: GuestMemory
+    tree: Tree
+
+
 class XenMachine:
     """The Xen half of a machine: xenstored, the toolstack's entries, one blkback per disk
     (host side); the xenstore client, xenbus and blkfront (guest side), joined only by
     guest memory, the grant table and event channels."""
 
-    def __init__(self, machine: Machine, block_control: Directory) -> None:
+    def __init__(self, machine: MachineParts, block_control: Directory) -> None:
         cfg = machine.config.xen
         assert cfg is not None
         self.domid = cfg.domid
@@ -141,10 +148,10 @@ class XenMachine:
         host_port = self.evtchn.bind_interdomain(0, cfg.domid, guest_port)
         self.xenstored.introduce(cfg.domid, self.xs_pfn, host_port)
         self.client = XenstoreClient(mem, self.evtchn, cfg.domid, self.xs_pfn, guest_port)
-        env = BlkfrontEnv(mem, self.grants, self.evtchn, self.client, machine.tree, cfg.domid,
-                          block_control)
+        self.env = BlkfrontEnv(mem, self.grants, self.evtchn, self.client, machine.tree,
+                               cfg.domid, block_control)
         self.xenbus = XenBus(machine.tree, self.client, self.evtchn, cfg.domid,
-                             {"vbd": blkfront_driver(env)})
+                             {"vbd": blkfront_driver(self.env)})
         self.view = XenstoreView(machine.tree, self.client)
         add_sys_hypervisor(machine.tree, version_info(cfg.domid, cfg.uuid, cfg.version))
 

@@ -44,7 +44,10 @@ class RawImage:
             if readonly:
                 raise ImageError(errno.ENOENT, f"{path}: a read-only disk needs an existing "
                                  "image") from None
-            self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except OSError as e:
+                raise ImageError(e.errno, f"cannot create image {path}: {e.strerror}") from None
             created = True
         try:
             try:

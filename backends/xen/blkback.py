@@ -237,7 +237,9 @@ class Blkback:
             self._unmap_ring()
             raise OSError(errno.EINVAL, "ring pages are not contiguous in guest memory "
                           "(a limitation of this backend)")
-        self.ring = BackRing(self.memory.view(pfns[0], pages), blkif.SLOT_SIZE)
+        view = self.memory.view(pfns[0], pages)
+        # BACK_RING_ATTACH: start from the indices the shared page holds (0 on a new ring)
+        self.ring = BackRing(view, blkif.SLOT_SIZE, start=int.from_bytes(view[8:12], "little"))
         self.port = self.evtchn.bind_interdomain(self.domid, self.fe_domid, fe_port)
         self.broken = ""
         info = blkif.VDISK_READONLY if self.spec.readonly else 0

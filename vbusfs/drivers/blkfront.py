@@ -60,6 +60,7 @@ class BlkfrontEnv:
     tree: Tree
     domid: int
     control: Directory | None = None      # MNT/.vbusfs/block, for per-disk control files
+    ring_start: int = 0                   # first ring index (tests start near 2**32)
 
 
 class BlkifTransport:
@@ -177,6 +178,7 @@ class Blkfront:
     def __init__(self, env: BlkfrontEnv, dev: XenbusDevice) -> None:
         self.env = env
         self.dev = dev
+        dev.drvdata = self
         self.client: XenstoreClient = env.client
         self.backend = ""
         self.backend_id = 0
@@ -238,8 +240,9 @@ class Blkfront:
                 await self._closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                self._teardown()
+            self._teardown()
+            # best effort: the xenstore connection may be going away with us
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1):
                 try:
                     await self.client.unwatch(f"{self.backend}/state", token)
                 except OSError:
@@ -251,7 +254,12 @@ class Blkfront:
         order = max(0, min(be_order, MAX_RING_PAGE_ORDER))
         self.ring_pages = 1 << order
         self.ring_pfn = env.memory.alloc(self.ring_pages)
-        sring_init(env.memory.view(self.ring_pfn, self.ring_pages))
+        sview = env.memory.view(self.ring_pfn, self.ring_pages)
+        sring_init(sview)
+        if env.ring_start:
+            start = env.ring_start & _M32
+            for off, value in ((0, start), (4, start + 1), (8, start), (12, start + 1)):
+                sview[off:off + 4] = (value & _M32).to_bytes(4, "little")
         self.ring_refs = [env.grants.grant_access(self.backend_id, self.ring_pfn + i, False)
                           for i in range(self.ring_pages)]
         self.port = env.evtchn.alloc_unbound(env.domid, self.backend_id)
@@ -292,7 +300,8 @@ class Blkfront:
         segs = min(indirect, MAX_INDIRECT_SEGMENTS) \
             if indirect > blkif.MAX_SEGMENTS_PER_REQUEST else blkif.MAX_SEGMENTS_PER_REQUEST
         granularity = await self._be_int("discard-granularity", sector_size) if discard else 0
-        ring = FrontRing(env.memory.view(self.ring_pfn, self.ring_pages), blkif.SLOT_SIZE)
+        ring = FrontRing(env.memory.view(self.ring_pfn, self.ring_pages), blkif.SLOT_SIZE,
+                         start=env.ring_start)
         vdev = parse_vdev(dev.devid)
         self.transport = t = BlkifTransport(env, ring, self.port, self.backend_id,
                                             vdev.number, segs, flush, barrier, discard,

@@ -47,6 +47,7 @@ class XenbusDevice:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close: Callable[[], Awaitable[None]] | None = None   # set by the bound driver
     bound: bool = False
+    drvdata: object = None                               # dev_set_drvdata
     gone: trio.Event = field(default_factory=trio.Event)
 
     @property

@@ -16,8 +16,8 @@ import pytest
 from vbusfs.platform import grant_table as gt
 from vbusfs.protocols import blkif
 from vbusfs.protocols import xenstore as xs
-from vbusfs.protocols.xenbus import State
 from vbusfs.protocols.xen_ring import ring_size
+from vbusfs.protocols.xenbus import State
 
 HEADER = Path("/usr/include/xen/io/blkif.h")
 

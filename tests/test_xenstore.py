@@ -114,7 +114,7 @@ async def test_wire_round_trips_relative_paths_and_big_values() -> None:
 
 
 async def test_daemon_survives_garbage_and_reports_protocol_errors() -> None:
-    store, daemon, client, page = await _pair()
+    _, daemon, _, page = await _pair()
     conn = daemon.connections[1]
     # an unknown type gets an error reply, not a crash
     conn.req.write(xs.pack(99, 7, 0, b"x\0"))

@@ -235,9 +235,13 @@ def serve(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> No
     try:
         trio.run(_run, machine, mountpoint, on_ready)
     except BaseExceptionGroup as group:
-        # One failing task (say, no VMBus version in common) is reported as itself.
-        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
-            raise group.exceptions[0] from None
+        # One failing task (say, no VMBus version in common, or an image that cannot be
+        # opened) is reported as itself, however deeply the nurseries nested it.
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if isinstance(inner, Exception) and not isinstance(inner, BaseExceptionGroup):
+            raise inner from None
         raise
     finally:
         machine.close()

@@ -274,7 +274,13 @@ class Symlink(Node):
 
 
 def relpath_between(start: Directory, target: Node) -> str:
-    return os.path.relpath(target.path(), start.path())
+    """The link text kernfs writes (``kernfs_get_target_path``): climb from ``start`` until
+    reaching an ancestor of the target's *parent*, then name the way down. A link to an
+    ancestor therefore reads ``../../../vbd-51712``, not ``../..``, as in Linux."""
+    if target.parent is None:
+        return os.path.relpath("/", start.path())
+    up = os.path.relpath(target.parent.path(), start.path())
+    return target.name if up == "." else f"{up}/{target.name}"
 
 
 class Tree:

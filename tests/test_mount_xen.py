@@ -1,0 +1,310 @@
+"""Xen disks through the real mount, used the way a person does: cat, ls, dd, cmp, lsblk,
+losetup + mkfs.ext4 + mount + fsck. Expected values come from reference/sysfs.md §2 and §4
+and from the configs written here."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import blake3
+import pytest
+
+from tests.conftest import Mounted, mount_unavailable, mountctl
+
+GiB = 1 << 30
+
+
+def sh(cmd: str, **kw: object) -> str:
+    return subprocess.run(["bash", "-c", cmd], check=True, capture_output=True, text=True,
+                          timeout=120, **kw).stdout  # type: ignore[call-overload,no-any-return]
+
+
+def cat(p: Path) -> str:
+    return sh(f"cat '{p}'")
+
+
+def image(m: Mounted, name: str) -> Path:
+    return Path(m.env["VBUSFS_STATE"]) / "hyperv-gen2" / f"{name}.img"
+
+
+def test_xenbus_device_attributes(mnt: Mounted) -> None:
+    d = mnt.path / "sys/bus/xen/devices/vbd-51712"
+    assert os.readlink(d) == "../../../devices/vbd-51712"
+    assert [cat(d / a) for a in ("nodename", "devtype", "modalias", "state")] == \
+        ["device/vbd/51712\n", "vbd\n", "xen:vbd\n", "Connected\n"]
+    assert cat(d / "uevent") == "MODALIAS=xen:vbd\n"
+    assert os.readlink(d / "driver") == "../../bus/xen/drivers/vbd"
+    events = int(cat(d / "xenbus/events"))
+    sh(f"dd if={mnt.path}/dev/xvda of=/dev/null bs=4096 count=3 status=none")
+    assert int(cat(d / "xenbus/events")) >= events + 1     # responses raised interrupts
+    b = mnt.path / "sys/bus/xen-backend/devices/vbd-1-51712"
+    assert [cat(b / a) for a in ("nodename", "devtype", "modalias", "state")] == \
+        ["backend/vbd/1/51712\n", "vbd\n", "xen-backend:vbd\n", "Connected\n"]
+    assert sorted(os.listdir(mnt.path / "sys/bus/xen/devices")) == ["vbd-51712", "vbd-51728"]
+
+
+def test_block_tree(mnt: Mounted) -> None:
+    s = mnt.path / "sys"
+    assert os.readlink(s / "block/xvda") == "../devices/vbd-51712/block/xvda"
+    assert os.readlink(s / "dev/block/202:16") == "../../devices/vbd-51728/block/xvdb"
+    assert os.readlink(s / "class/block/xvda") == "../../devices/vbd-51712/block/xvda"
+    a = s / "block/xvda"
+    got = {n: cat(a / n) for n in ("dev", "size", "ro", "removable", "range", "inflight")}
+    assert got == {"dev": "202:0\n", "size": f"{GiB // 512}\n", "ro": "0\n",
+                   "removable": "0\n", "range": "16\n", "inflight": "       0        0\n"}
+    assert cat(s / "block/xvdb/dev") == "202:16\n"
+    q = a / "queue"
+    # 256 indirect segments of 4 KiB: max_hw_sectors_kb 1024; blkfront queues are non-rotational
+    assert [cat(q / n) for n in ("logical_block_size", "physical_block_size",
+                                 "max_hw_sectors_kb", "max_segments", "rotational",
+                                 "write_cache", "scheduler")] == \
+        ["512\n", "512\n", "1024\n", "256\n", "0\n", "write back\n", "[none] mq-deadline\n"]
+    assert len(cat(a / "stat").split()) == 17
+    assert os.readlink(a / "device") == "../../../vbd-51712"
+    assert oct((a / "queue/rotational").stat().st_mode & 0o777) == "0o644"
+    out = sh(f"lsblk --sysroot {mnt.path} -b -n -o NAME,MAJ:MIN,SIZE,RO,TYPE")
+    assert out.split() == ["xvda", "202:0", str(GiB), "0", "disk",
+                           "xvdb", "202:16", str(256 << 20), "0", "disk"]
+
+
+def test_xenstore_and_hypervisor(mnt: Mounted) -> None:
+    x = mnt.path / "xenstore/local/domain"
+    assert cat(x / "0/backend/vbd/1/51712/state") == "4\n"
+    assert cat(x / "1/device/vbd/51712/state") == "4\n"
+    assert cat(x / "0/backend/vbd/1/51712/sectors") == f"{GiB // 512}\n"
+    assert cat(x / "1/device/vbd/51712/protocol") == "x86_64-abi\n"
+    assert cat(x / "1/device/vbd/51712/backend") == "/local/domain/0/backend/vbd/1/51712\n"
+    r = subprocess.run(["bash", "-c", f"echo 5 > {x}/1/device/vbd/51712/state"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    h = mnt.path / "sys/hypervisor"
+    assert cat(h / "type") == "xen\n"
+    assert (cat(h / "version/major"), cat(h / "version/minor")) == ("4\n", "17\n")
+    assert not int(cat(h / "properties/features"), 16) & (1 << 11)    # not dom0
+
+
+def test_dd_reaches_the_image(mnt: Mounted) -> None:
+    dev = mnt.path / "dev/xvda"
+    assert dev.stat().st_size == GiB
+    sh(f"dd if=/dev/urandom of={dev} bs=1M count=16 conv=fsync status=none")
+    sh(f"cmp <(head -c 16M {dev}) <(head -c 16M {image(mnt, 'xvda')})")
+    assert dev.stat().st_size == GiB          # dd's truncate does not shrink a disk
+
+
+def test_stat_counts_the_io_done(mnt: Mounted) -> None:
+    st = mnt.path / "sys/block/xvdb/stat"
+    before = [int(v) for v in cat(st).split()]
+    sh(f"dd if={mnt.path}/dev/xvdb of=/dev/null bs=64K count=10 status=none")
+    sh(f"dd if=/dev/zero of={mnt.path}/dev/xvdb bs=4096 count=5 seek=100 conv=notrunc,fsync "
+       "status=none")
+    after = [int(v) for v in cat(st).split()]
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    assert (d[0], d[2]) == (10, 10 * 128)          # reads, sectors
+    assert (d[4], d[6]) == (5, 5 * 8)              # writes, sectors
+    assert d[15] == 1 and d[8] == 0                # one flush; nothing in flight
+
+
+def test_ends_and_errors(mnt: Mounted) -> None:
+    dev = mnt.path / "dev/xvdb"
+    size = 256 << 20
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        assert os.pread(fd, 4096, size) == b""
+        assert os.pread(fd, 4096, size - 100) == os.pread(fd, 100, size - 100)
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", size)
+        assert e.value.errno == errno.ENOSPC
+        assert os.pwrite(fd, b"y" * 300, size - 100) == 100      # cut short at the end
+    finally:
+        os.close(fd)
+    r = subprocess.run(["dd", "if=/dev/zero", f"of={dev}", "bs=1M", "seek=255", "count=2",
+                        "conv=notrunc"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No space left on device" in r.stderr
+
+
+def test_concurrent_odd_io_matches_model(mnt: Mounted) -> None:
+    """8 threads write odd-sized pieces at odd offsets, many sharing sectors with their
+    neighbours (so read-modify-write runs concurrently on the same sector), then every byte
+    is checked through the mount and in the image, by blake3 against a model."""
+    dev = mnt.path / "dev/xvdb"
+    span = 8 << 20
+    rng = random.Random(42)
+    base = bytearray(rng.randbytes(span))
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(base), 0)
+        model = bytearray(base)
+        pieces: list[tuple[int, bytes]] = []
+        off = 7
+        while off < span - 70000:
+            n = rng.randrange(1, 70000)
+            data = rng.randbytes(n)
+            pieces.append((off, data))
+            model[off:off + n] = data
+            off += n + rng.choice([0, 0, 1, 3, 511, 513, 4097])
+        rng.shuffle(pieces)
+
+        def worker(k: int) -> None:
+            for o, data in pieces[k::8]:
+                assert os.pwrite(fd, data, o) == len(data)
+                probe = rng.randrange(0, span - 5000)
+                os.pread(fd, 4999, probe)          # reads interleave with the writes
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(worker, range(8)))
+        want = blake3.blake3(bytes(model)).hexdigest()
+        got = blake3.blake3(os.pread(fd, span, 0)).hexdigest()
+        assert got == want
+    finally:
+        os.close(fd)
+    with open(image(mnt, "xvdb"), "rb") as f:
+        assert blake3.blake3(f.read(span)).hexdigest() == want
+
+
+def test_mountctl_discard(mnt: Mounted) -> None:
+    dev = mnt.path / "dev/xvdb"
+    sh(f"dd if=/dev/urandom of={dev} bs=1M count=4 seek=100 conv=notrunc,fsync status=none")
+    r = mountctl("discard", str(mnt.path), "xvdb", "101M", "2M", env=mnt.env)
+    assert r.returncode == 0, r.stderr
+    with open(dev, "rb") as f:
+        f.seek(101 << 20)
+        assert f.read(2 << 20) == bytes(2 << 20)
+        assert f.read(1 << 20) != bytes(1 << 20)
+    bad = mountctl("discard", str(mnt.path), "xvdb", "1", "512", env=mnt.env)
+    assert bad.returncode == 2 and "Invalid argument" in bad.stderr
+    assert mountctl("discard", str(mnt.path), "nope", "0", "512",
+                    env=mnt.env).returncode == 2
+    assert int(cat(mnt.path / "sys/block/xvdb/stat").split()[11]) >= 1   # discard I/Os
+
+
+@pytest.fixture
+def loop_available() -> None:
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("losetup/mkfs.ext4 missing (util-linux, e2fsprogs); run .ci/setup")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no /dev/loop-control: this kernel has no loop devices")
+
+
+def test_losetup_mkfs_mount_fsck(mnt: Mounted, loop_available: None,
+                                 tmp_path: Path) -> None:
+    dev = mnt.path / "dev/xvdb"
+    loop = sh(f"losetup -f --show {dev}").strip()
+    target = tmp_path / "fs"
+    target.mkdir()
+    try:
+        sh(f"mkfs.ext4 -q -F {loop}")
+        sh(f"mount {loop} {target}")
+        try:
+            payload = os.urandom(3 << 20)
+            (target / "a.bin").write_bytes(payload)
+            shutil.copytree(Path(__file__).parent, target / "tests")
+            sh("sync")
+        finally:
+            sh(f"umount {target}")
+        sh(f"fsck.ext4 -n {loop}")
+        sh(f"mount -o ro {loop} {target}")
+        try:
+            assert (target / "a.bin").read_bytes() == payload
+        finally:
+            sh(f"umount {target}")
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _config(tmp: Path, extra: str = "") -> Path:
+    cfg = tmp / "m.toml"
+    cfg.write_text(f"""[machine]
+name = "xen-test"
+state_dir = "{tmp}/state"
+[xen]
+[[xen.vbd]]
+vdev = "xvda"
+size = "8M"
+{extra}
+""")
+    return cfg
+
+
+def _up(cfg: Path, mp: Path, env: dict[str, str]) -> None:
+    mp.mkdir(exist_ok=True)
+    mountctl("up", "-d", "-c", str(cfg), str(mp), env=env, check=True)
+
+
+@pytest.fixture
+def can_mount() -> None:
+    why = mount_unavailable()
+    if why:
+        pytest.skip(why)
+
+
+def test_disk_survives_remount(can_mount: None, tmp_path: Path,
+                               state_env: dict[str, str]) -> None:
+    cfg, mp = _config(tmp_path), tmp_path / "m"
+    _up(cfg, mp, state_env)
+    try:
+        data = os.urandom(3 << 20)
+        (mp / "dev/xvda").write_bytes(data)
+    finally:
+        assert mountctl("down", str(mp), env=state_env).returncode == 0
+    assert (tmp_path / "state/xvda.img").stat().st_size == 8 << 20
+    _up(cfg, mp, state_env)
+    try:
+        with open(mp / "dev/xvda", "rb") as f:
+            assert f.read(3 << 20) == data
+    finally:
+        mountctl("down", str(mp), env=state_env)
+
+
+def test_readonly_disk_and_4k_sectors(can_mount: None, tmp_path: Path,
+                                      state_env: dict[str, str]) -> None:
+    (tmp_path / "state").mkdir()
+    ro = tmp_path / "state/ro.img"
+    ro.write_bytes(b"R" * (1 << 20))
+    cfg = _config(tmp_path, f"""sector_size = 4096
+[[xen.vbd]]
+vdev = "xvdc"
+image = "{ro}"
+readonly = true
+""")
+    mp = tmp_path / "m"
+    _up(cfg, mp, state_env)
+    try:
+        assert cat(mp / "sys/block/xvdc/ro") == "1\n"
+        assert cat(mp / "xenstore/local/domain/0/backend/vbd/1/51744/info") == "4\n"
+        r = subprocess.run(["dd", "if=/dev/zero", f"of={mp}/dev/xvdc", "bs=512", "count=1",
+                            "conv=notrunc"], capture_output=True, text=True)
+        assert r.returncode != 0 and "Read-only file system" in r.stderr
+        assert (mp / "dev/xvdc").read_bytes() == b"R" * (1 << 20)
+        q = mp / "sys/block/xvda/queue"
+        assert cat(q / "logical_block_size") == "4096\n"
+        fd = os.open(mp / "dev/xvda", os.O_RDWR)
+        try:   # sub-block I/O on a 4 KiB-sector disk is read-modify-write
+            os.pwrite(fd, b"abc", 4095)
+            assert os.pread(fd, 5, 4094) == b"\0abc\0"
+        finally:
+            os.close(fd)
+    finally:
+        mountctl("down", str(mp), env=state_env)
+    assert ro.read_bytes() == b"R" * (1 << 20)
+
+
+def test_bad_disk_configs_are_refused(can_mount: None, tmp_path: Path,
+                                      state_env: dict[str, str]) -> None:
+    mp = tmp_path / "m"
+    mp.mkdir()
+    for extra, key in (('sector_size = 1000', "xen.vbd[0].sector_size"),
+                       ('features = ["trim"]', "xen.vbd[0].features[0]"),
+                       ('max_ring_page_order = 5', "xen.vbd[0].max_ring_page_order"),
+                       ('indirect_segments = 5', "xen.vbd[0].indirect_segments")):
+        r = mountctl("up", "-d", "-c", str(_config(tmp_path, extra)), str(mp), env=state_env)
+        assert r.returncode == 2 and key in r.stderr, (extra, r.stderr)
+    missing = _config(tmp_path, 'readonly = true\nimage = "/nonexistent/x.img"')
+    r = mountctl("up", "-d", "-c", str(missing), str(mp), env=state_env)
+    assert r.returncode == 1 and "x.img" in r.stderr
+    assert not os.path.ismount(mp)

@@ -52,6 +52,14 @@ class FakeFront:
         self.rw_refs = [self.grants.grant_access(0, self.data + i, False) for i in range(4)]
         self.ro_refs = [self.grants.grant_access(0, self.data + 4 + i, True) for i in range(4)]
 
+    async def attach(self, nursery: trio.Nursery) -> None:
+        """Start blkback, connect as a frontend would, wait for Connected."""
+        await nursery.start(self.back.run)
+        self.connect()
+        with trio.fail_after(5):
+            while self.back.state() != State.CONNECTED:
+                await trio.sleep(0.01)
+
     def connect(self) -> None:
         ref = self.grants.grant_access(0, self.ring_pfn, False)
         self.store.write(f"{self.fe}/ring-ref", str(ref))
@@ -142,11 +150,7 @@ async def test_ten_thousand_malformed_requests(tmp_path: Path) -> None:
     before = hashlib.sha256(f.image.read_bytes()).hexdigest()
     rng = random.Random(20261121)
     async with trio.open_nursery() as n:
-        await n.start(f.back.run)
-        f.connect()
-        with trio.fail_after(5):
-            while f.back.state() != State.CONNECTED:
-                await trio.sleep(0.01)
+        await f.attach(n)
         answered = 0
         for batch in range(320):
             ids = [batch * 32 + i + 1 for i in range(32)]
@@ -175,11 +179,7 @@ async def test_ten_thousand_malformed_requests(tmp_path: Path) -> None:
 async def test_overproducing_frontend_halts_the_ring(tmp_path: Path) -> None:
     f = FakeFront(tmp_path, frozenset({"flush"}))
     async with trio.open_nursery() as n:
-        await n.start(f.back.run)
-        f.connect()
-        with trio.fail_after(5):
-            while f.back.state() != State.CONNECTED:
-                await trio.sleep(0.01)
+        await f.attach(n)
         f.ring.req_prod_pvt = f.ring.size + 5     # more requests than the ring holds
         f.ring.push_requests_and_check_notify()
         f.ev.send(1, f.port)

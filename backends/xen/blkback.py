@@ -106,6 +106,8 @@ class Blkback:
         self.requests = 0
         self.errors = 0
         self._ring_scope: trio.CancelScope | None = None
+        self._busy = False                    # a batch is being executed and answered
+        self._idle = trio.Event()
         self.limiter = trio.CapacityLimiter(1)
 
     # -- xenstore ----------------------------------------------------------------------------
@@ -200,10 +202,10 @@ class Blkback:
                 return
             nursery.start_soon(self._serve_ring)
         elif fe_state == State.CLOSING and mine not in (State.CLOSING, State.CLOSED):
-            self._disconnect()
+            await self._quiesce()
             self._switch(State.CLOSING)
         elif fe_state == State.CLOSED and mine != State.CLOSED:
-            self._disconnect()
+            await self._quiesce()
             self._switch(State.CLOSED)
         elif fe_state in (State.INITIALISING, State.UNKNOWN) and mine == State.CLOSED:
             self.publish_features()          # the frontend reconnects
@@ -254,10 +256,20 @@ class Blkback:
             self.grants.unmap(ref)
         self.ring_refs = []
 
+    async def _quiesce(self) -> None:
+        """Stop the ring: let a batch being executed finish and answer, then disconnect."""
+        if self._ring_scope is not None:
+            self._ring_scope.cancel()
+            self._ring_scope = None
+        while self._busy:
+            await self._idle.wait()
+        self._disconnect()
+
     def _disconnect(self) -> None:
         if self._ring_scope is not None:
             self._ring_scope.cancel()
             self._ring_scope = None
+
         for ref in self._pgrants:
             self.grants.unmap(ref)
         self._pgrants.clear()
@@ -280,12 +292,20 @@ class Blkback:
                     work = self._consume(ring)
                     if self.broken:
                         return
-                    if work:
-                        await trio.to_thread.run_sync(self._execute, work,
-                                                      limiter=self.limiter)
-                        self._finish(ring, work)
-                    if ring.push_responses_and_check_notify():
-                        self.evtchn.send(self.domid, self.port)
+                    # Requests taken off the ring are always completed and answered: a
+                    # disconnect waits for this batch rather than dropping it (Linux blkback
+                    # also refuses to disconnect while requests are in flight).
+                    self._busy = True
+                    with trio.CancelScope(shield=True):
+                        if work:
+                            await trio.to_thread.run_sync(self._execute, work,
+                                                          limiter=self.limiter)
+                            self._finish(ring, work)
+                        if ring.push_responses_and_check_notify():
+                            self.evtchn.send(self.domid, self.port)
+                    self._busy = False
+                    self._idle.set()
+                    self._idle = trio.Event()
                     if not ring.final_check_for_requests():
                         break
 

@@ -353,13 +353,14 @@ class Blkfront:
             return
         self._closing = True
         dev = self.dev
-        await dev.switch_state(State.CLOSING)
-        if self.engine is not None:
-            if not await self.engine.drain(DRAIN_DEADLINE):
-                log.warning("%s: I/O still in flight after %.0f s; failing it", dev.name,
-                            DRAIN_DEADLINE)
+        # No new I/O (the disk goes from /dev and sysfs; open files get ENXIO), let what is
+        # in flight finish while the backend is still connected, then announce Closing.
         if self.disk is not None:
             del_disk(self.env.tree, self.disk, self.env.control)
+        if self.engine is not None and not await self.engine.drain(DRAIN_DEADLINE):
+            log.warning("%s: I/O still in flight after %.0f s; failing it", dev.name,
+                        DRAIN_DEADLINE)
+        await dev.switch_state(State.CLOSING)
         with trio.move_on_after(DRAIN_DEADLINE):
             await self._wait_backend(State.CLOSING, State.CLOSED)
         if self.engine is not None:

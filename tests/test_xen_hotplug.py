@@ -70,7 +70,9 @@ async def test_close_with_io_in_flight_completes_it(tmp_path: Path) -> None:
         async with trio.open_nursery() as n:
             for i in range(100):
                 n.start_soon(write, i)
-            await trio.sleep(0)                 # let them reach the ring
+            with trio.fail_after(2):            # let some reach the ring
+                while len(rig.engine.busy) < 8:
+                    await trio.sleep(0)
             in_flight = len(rig.engine.busy) + len(rig.engine.ready)
             with trio.fail_after(4):            # well inside the 5 s drain deadline
                 await front.close()

@@ -34,6 +34,17 @@ def _record_ops(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
+async def _concurrent_writes(disk: object, count: int, size: int, span: int) -> bytearray:
+    """``count`` writes of ``size`` random bytes, all at once; returns the expected disk."""
+    model = bytearray(span)
+    async with trio.open_nursery() as n:
+        for i in range(count):
+            blob = os.urandom(size)
+            model[i * size:(i + 1) * size] = blob
+            n.start_soon(disk.write, i * size, blob)            # type: ignore[attr-defined]
+    return model
+
+
 async def _verify(disk: object, model: bytearray) -> None:
     data = await disk.read(0, len(model))          # type: ignore[attr-defined]
     assert data == bytes(model)
@@ -58,12 +69,7 @@ async def test_ring_full_backpressure_and_command_shortage(tmp_path: Path) -> No
     async with xen_machine(tmp_path, max_ring_page_order=0, indirect_segments=0,
                            size="8M") as rig:
         assert rig.front.transport.ring.size == 32 and len(rig.engine.shadow) == 32
-        model = bytearray(8 << 20)
-        async with trio.open_nursery() as n:
-            for i in range(300):
-                blob = os.urandom(4096)
-                model[i * 4096:(i + 1) * 4096] = blob
-                n.start_soon(rig.disk.write, i * 4096, blob)
+        model = await _concurrent_writes(rig.disk, 300, 4096, 8 << 20)
         assert rig.engine.freezes["cm_shortage"] > 0
         assert rig.engine.leaked() == 0 and not rig.engine.busy
         await _verify(rig.disk, model)
@@ -74,12 +80,7 @@ async def test_grant_shortage_freezes_and_thaws(tmp_path: Path,
     monkeypatch.setattr(blkfront, "POOL_PAGES", 12)       # one 44 KiB command at a time
     async with xen_machine(tmp_path, indirect_segments=0, size="4M") as rig:
         assert rig.engine.pool.nr_pages == 12
-        model = bytearray(4 << 20)
-        async with trio.open_nursery() as n:
-            for i in range(40):
-                blob = os.urandom(45056)
-                model[i * 45056:(i + 1) * 45056] = blob
-                n.start_soon(rig.disk.write, i * 45056, blob)
+        model = await _concurrent_writes(rig.disk, 40, 45056, 4 << 20)
         assert rig.engine.freezes["gnt_shortage"] > 0
         assert rig.engine.pool.free_pages == 12
         await _verify(rig.disk, model)

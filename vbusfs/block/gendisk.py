@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -141,23 +142,23 @@ class Disk:
     def _chunk(self) -> int:
         return min(self.engine.max_bytes, self.limits.max_sectors_kb * 1024)
 
-    async def _read_blocks(self, start: int, out: memoryview) -> None:
+    async def _split(self, op: Callable[[int, memoryview], Awaitable[None]], start: int,
+                     buf: memoryview) -> None:
+        """Run ``op`` (engine read or write) over ``buf`` in chunks the queue allows, all in
+        flight at once."""
         step = self._chunk()
-        if len(out) <= step:
-            await self.engine.read(start // SECTOR, out)
+        if len(buf) <= step:
+            await op(start // SECTOR, buf)
             return
         async with trio.open_nursery() as n:
-            for off in range(0, len(out), step):
-                n.start_soon(self.engine.read, (start + off) // SECTOR, out[off:off + step])
+            for off in range(0, len(buf), step):
+                n.start_soon(op, (start + off) // SECTOR, buf[off:off + step])
+
+    async def _read_blocks(self, start: int, out: memoryview) -> None:
+        await self._split(self.engine.read, start, out)
 
     async def _write_blocks(self, start: int, data: memoryview) -> None:
-        step = self._chunk()
-        if len(data) <= step:
-            await self.engine.write(start // SECTOR, data)
-            return
-        async with trio.open_nursery() as n:
-            for off in range(0, len(data), step):
-                n.start_soon(self.engine.write, (start + off) // SECTOR, data[off:off + step])
+        await self._split(self.engine.write, start, data)
 
     def _check_live(self) -> None:
         if self.dead:

@@ -66,7 +66,10 @@ def test_block_tree(mnt: Mounted) -> None:
                                  "write_cache", "scheduler")] == \
         ["512\n", "512\n", "1024\n", "256\n", "0\n", "write back\n", "[none] mq-deadline\n"]
     assert len(cat(a / "stat").split()) == 17
+    # kernfs link text, as in reference/real-virtio-pci-sysfs.txt (vda/device ->
+    # ../../../virtio1, vda/bdi -> ../../../../../virtual/bdi/254:0 one level deeper)
     assert os.readlink(a / "device") == "../../../vbd-51712"
+    assert os.readlink(a / "bdi") == "../../../virtual/bdi/202:0"
     assert oct((a / "queue/rotational").stat().st_mode & 0o777) == "0o644"
     out = sh(f"lsblk --sysroot {mnt.path} -b -n -o NAME,MAJ:MIN,SIZE,RO,TYPE")
     assert out.split() == ["xvda", "202:0", str(GiB), "0", "disk",

@@ -267,3 +267,29 @@ async def test_out_of_order_completion() -> None:
     assert sorted(done) == list(range(10))
     assert eng.bogus_responses == 2 and eng.leaked() == 0 and len(eng.free) == 16
 
+
+
+async def test_fail_all_fails_waiters_with_eio_and_frees_everything() -> None:
+    mem = GuestMemory(16 << 20)
+    t = FakeTransport()
+    unmapped: list[int] = []
+    t.unmap_command = lambda cmd: unmapped.append(cmd.id)  # type: ignore[method-assign]
+    eng = Engine(mem, t, nr_commands=4, pool_pages=64)
+    errors: list[int] = []
+
+    async def read(i: int) -> None:
+        try:
+            await eng.read(i * 8, memoryview(bytearray(4096)))
+        except OSError as e:
+            errors.append(e.errno or 0)
+
+    async with trio.open_nursery() as n:
+        for i in range(6):                      # 4 go out, 2 wait for a free command
+            n.start_soon(read, i)
+        with trio.fail_after(2):
+            while len(t.posted) < 4:
+                await trio.sleep(0)
+        eng.fail_all()                          # the ring is gone
+    assert errors == [errno.EIO] * 6
+    assert sorted(unmapped) == sorted(c.id for c in t.posted)    # grants ended
+    assert eng.leaked() == 0 and len(eng.free) == 4 and eng.pool.free_pages == 64

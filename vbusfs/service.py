@@ -162,10 +162,9 @@ class XenMachine:
         await nursery.start(self.client.run)
         await nursery.start(self.xenbus.run)
         await nursery.start(self.view.run)
-        failed = [d for d in self.xenbus.devices.values() if d.bound and d.close is None]
-        if failed or self.xenbus.probe_failures:
-            raise OSError(errno.EIO, "xen: a disk failed to connect: " + ", ".join(
-                d.name for d in failed) + " (see the log)")
+        if self.xenbus.probe_failures:
+            raise OSError(errno.EIO, "xen: a device failed to connect: " +
+                          ", ".join(self.xenbus.probe_failures))
 
     def status(self) -> dict[str, object]:
         dev = self.xenbus.tree.resolve("dev")

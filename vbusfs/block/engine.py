@@ -225,7 +225,7 @@ class Engine:
         """Move READY commands to the ring while there is room and nothing holds them."""
         t = self.transport
         queued = 0
-        while self.ready and not self.frozen_step and t.ring_free() > 0:
+        while self.connected and self.ready and not self.frozen_step and t.ring_free() > 0:
             cmd = self.ready[0]
             if cmd.ordered and not t.has_barrier:
                 cmd.single_step = True
@@ -256,6 +256,10 @@ class Engine:
         self.transport.unmap_command(cmd)
         if cmd.single_step:
             self.frozen_step = False
+        self._finish(cmd, status)
+
+    def _finish(self, cmd: Command, status: int) -> None:
+        """Move a command to COMPLETE and wake its caller (free it if its caller left)."""
         cmd.status = status
         if cmd.abandoned:
             self._put(cmd)
@@ -265,34 +269,47 @@ class Engine:
         cmd.done.set()
 
     def fail_all(self) -> None:
-        """The ring is gone: fail every queued and in-flight command."""
+        """The ring is gone: fail every queued and in-flight command, end their grants,
+        and wake everyone waiting for a command."""
         self.connected = False
-        for cmd in list(self.busy.values()) + list(self.ready):
-            cmd.status = -1
-            cmd.queue = Queue.COMPLETE
-            cmd.done.set()
+        busy = list(self.busy.values())
         self.busy.clear()
+        self.frozen_step = False
+        for cmd in busy:
+            self.transport.unmap_command(cmd)
+            self._finish(cmd, -1)
+        ready = list(self.ready)
         self.ready.clear()
+        for cmd in ready:                      # never reached the ring: nothing mapped
+            self._finish(cmd, -1)
         for _, ev in self._waiters:
             ev.set()
+        self._waiters.clear()
 
-    async def _run(self, cmd: Command) -> int:
+    async def _submit(self, cmd: Command) -> int:
+        """Queue ``cmd`` and wait for its completion. The caller releases it with
+        :meth:`_release` (a read copies its data out of the pages first)."""
         cmd.queue = Queue.READY
         self.ready.append(cmd)
         self.startio()
         try:
             await cmd.done.wait()
-        finally:
-            if cmd.queue == Queue.COMPLETE:
-                self.complete_q.remove(cmd)
-                self._put(cmd)
-            elif cmd.queue == Queue.READY:     # cancelled before it reached the ring
+        except BaseException:
+            if cmd.queue == Queue.READY:       # cancelled before it reached the ring
                 self.ready.remove(cmd)
                 self._put(cmd)
             elif cmd.queue == Queue.BUSY:      # freed when its response arrives
                 cmd.abandoned = True
-        self.startio()
+            else:
+                self._release(cmd)
+            raise
         return cmd.status
+
+    def _release(self, cmd: Command) -> None:
+        if cmd.queue == Queue.COMPLETE:
+            self.complete_q.remove(cmd)
+            self._put(cmd)
+        self.startio()
 
     def _check(self, status: int, what: str) -> None:
         if status == 0:
@@ -308,7 +325,7 @@ class Engine:
         npages = -(-n // PAGE_SIZE)
         cmd = await self._get(npages)
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
-        status = await self._run_keep(cmd)
+        status = await self._submit(cmd)
         try:
             if status == 0:
                 mem = self.memory
@@ -318,29 +335,6 @@ class Engine:
         finally:
             self._release(cmd)
         self._check(status, f"read at sector {sector}")
-
-    async def _run_keep(self, cmd: Command) -> int:
-        """Like :meth:`_run` but leaves the completed command to the caller (reads copy
-        their data out of the pages first)."""
-        cmd.queue = Queue.READY
-        self.ready.append(cmd)
-        self.startio()
-        try:
-            await cmd.done.wait()
-        except BaseException:
-            if cmd.queue == Queue.READY:
-                self.ready.remove(cmd)
-                self._put(cmd)
-            elif cmd.queue == Queue.BUSY:
-                cmd.abandoned = True
-            raise
-        return cmd.status
-
-    def _release(self, cmd: Command) -> None:
-        if cmd.queue == Queue.COMPLETE:
-            self.complete_q.remove(cmd)
-            self._put(cmd)
-        self.startio()
 
     async def write(self, sector: int, data: memoryview, ordered: bool = False) -> None:
         n = len(data)
@@ -352,7 +346,9 @@ class Engine:
             mem.view(pfn)[:len(chunk)] = chunk
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.WRITE, sector, n // SECTOR, n
         cmd.ordered = ordered
-        self._check(await self._run(cmd), f"write at sector {sector}")
+        status = await self._submit(cmd)
+        self._release(cmd)
+        self._check(status, f"write at sector {sector}")
 
     async def flush(self) -> None:
         t = self.transport
@@ -361,14 +357,18 @@ class Engine:
         cmd = await self._get(0)
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.FLUSH, 0, 0, 0
         cmd.ordered = not t.has_flush   # a barrier-only flush is an ordered empty write
-        self._check(await self._run(cmd), "flush")
+        status = await self._submit(cmd)
+        self._release(cmd)
+        self._check(status, "flush")
 
     async def discard(self, sector: int, nsectors: int) -> None:
         if not self.transport.has_discard:
             raise OSError(errno.EOPNOTSUPP, "the backend does not offer discard")
         cmd = await self._get(0)
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.DISCARD, sector, nsectors, 0
-        self._check(await self._run(cmd), f"discard at sector {sector}")
+        status = await self._submit(cmd)
+        self._release(cmd)
+        self._check(status, f"discard at sector {sector}")
 
     async def drain(self, deadline: float) -> bool:
         """Wait (at most ``deadline`` seconds) until nothing is queued or in flight."""

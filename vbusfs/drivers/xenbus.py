@@ -131,7 +131,7 @@ class XenBus:
         self.devices: dict[str, XenbusDevice] = {}
         self.backends: dict[str, _BackendDev] = {}
         self._nursery: trio.Nursery | None = None
-        self.probe_failures = 0
+        self.probe_failures: list[str] = []     # names of devices whose probe failed
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -194,7 +194,7 @@ class XenBus:
         try:
             await self._nursery.start(self._drive, dev, driver)
         except Exception as e:
-            self.probe_failures += 1
+            self.probe_failures.append(f"{dev.name} ({e})")
             log.warning("xenbus: probe of %s failed: %s", dev.name, e)
 
     async def _drive(self, dev: XenbusDevice, driver: FrontendDriver, *,

@@ -1,0 +1,496 @@
+"""vbusfs benchmarks, side by side with their baselines in the same run (``bench/run``).
+
+Block workloads run, interleaved, against four targets, each over its own image of the same
+size, written in full with zeros before the first workload (so no run pays for allocating
+blocks):
+
+* ``vbusfs``      — ``MNT/dev/xvda``: FUSE → gendisk → blkfront engine → blkif ring → blkback;
+* ``passthrough`` — ``bench/passthrough.py``: bare pyfuse3, one pread/pwrite per request in a
+  worker thread (the ceiling for Python + FUSE);
+* ``qsd``         — ``qemu-storage-daemon --export type=fuse``;
+* ``image``       — the image file itself.
+
+Within a workload, run *r* visits the targets in an order rotated by *r*. Each cell is the
+median of the runs; ratios are vbusfs ÷ baseline of the medians (for the attribute scan, a
+ratio of times, so lower is better). The metadata workload mounts a machine with 1000 VMBus
+devices (timed, and its resident memory read from /proc), then alternates ``grep -r .`` over
+its ``sys/`` tree with the same over a copy of that tree on tmpfs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def is_mount(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0,
+             proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: exited with status {proc.returncode}")
+        if time.monotonic() > end:
+            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def make_image(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size == size:
+        return
+    zeros = bytes(MiB)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(zeros)
+        os.fsync(f.fileno())
+
+
+def vm_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# --- targets ---------------------------------------------------------------------------
+
+class Target:
+    name = ""
+
+    def __init__(self, work: Path, size: int) -> None:
+        self.image = work / f"{self.name}.img"
+        make_image(self.image, size)
+        self.path = self.image
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+class ImageTarget(Target):
+    name = "image"
+
+
+class VbusfsTarget(Target):
+    name = "vbusfs"
+
+    def __init__(self, work: Path, size: int) -> None:
+        super().__init__(work, size)
+        self.mnt = work / "mnt-vbusfs"
+        self.config = work / "vbusfs-bench.toml"
+        self.config.write_text(
+            '[machine]\nname = "bench"\nstate_dir = "vbusfs-state"\n\n'
+            f'[xen]\n[[xen.vbd]]\nvdev = "xvda"\nimage = "{self.image}"\n')
+        self.path = self.mnt / "dev" / "xvda"
+
+    def start(self) -> None:
+        self.mnt.mkdir(exist_ok=True)
+        run([sys.executable, "-m", "mountctl", "up", "-d", "-c", str(self.config),
+             str(self.mnt)], cwd=ROOT)
+
+    def stop(self) -> None:
+        if is_mount(self.mnt):
+            run([sys.executable, "-m", "mountctl", "down", str(self.mnt)], cwd=ROOT)
+
+
+class ProcessTarget(Target):
+    """A FUSE server run as a child process; stopped with SIGTERM."""
+
+    mnt: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for(lambda: is_mount(self.mnt), self.name, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        if is_mount(self.mnt):
+            subprocess.run(["fusermount3", "-u", str(self.mnt)], check=False)
+
+
+class PassthroughTarget(ProcessTarget):
+    name = "passthrough"
+
+    def __init__(self, work: Path, size: int) -> None:
+        super().__init__(work, size)
+        self.mnt = work / "mnt-passthrough"
+        self.mnt.mkdir(exist_ok=True)
+        self.path = self.mnt / "disk"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "bench" / "passthrough.py"), str(self.image),
+                str(self.mnt)]
+
+
+class QsdTarget(ProcessTarget):
+    name = "qsd"
+
+    def __init__(self, work: Path, size: int) -> None:
+        super().__init__(work, size)
+        self.mnt = work / "mnt-qsd"
+        self.mnt.touch()         # QSD mounts over a regular file
+        self.path = self.mnt
+
+    def command(self) -> list[str]:
+        return ["qemu-storage-daemon",
+                "--blockdev", f"driver=file,node-name=f,filename={self.image}",
+                "--export", f"type=fuse,id=e,node-name=f,mountpoint={self.mnt},writable=on"]
+
+
+# --- workloads ---------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    key: str
+    title: str
+    unit: str                     # "MB/s", "IOPS" or "s"
+    higher_is_better: bool
+    measure: Callable[[Path], float]
+    cold: bool = False            # drop caches before each run
+    warm: bool = False            # read the backing image into the page cache first
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+
+def dd_write(count: int) -> Callable[[Path], float]:
+    def measure(path: Path) -> float:
+        t0 = time.perf_counter()
+        run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={count}",
+             "conv=fsync,notrunc"])
+        return count * MiB / (time.perf_counter() - t0) / 1e6
+    return measure
+
+
+def dd_read(count: int) -> Callable[[Path], float]:
+    def measure(path: Path) -> float:
+        t0 = time.perf_counter()
+        run(["dd", f"if={path}", "of=/dev/null", "bs=1M", f"count={count}"])
+        return count * MiB / (time.perf_counter() - t0) / 1e6
+    return measure
+
+
+def fio(rw: str, engine: str, depth: int, direct: bool, seconds: float,
+        size: int) -> Callable[[Path], float]:
+    def measure(path: Path) -> float:
+        out = run(["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", "--bs=4k",
+                   f"--ioengine={engine}", f"--iodepth={depth}", f"--direct={int(direct)}",
+                   f"--size={size}", "--time_based", f"--runtime={seconds}",
+                   "--ramp_time=0.5", "--randrepeat=0", "--norandommap", "--invalidate=0",
+                   "--output-format=json"]).stdout
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        if job["error"]:
+            raise RuntimeError(f"fio {rw} on {path}: error {job['error']}")
+        return float(job["read" if "read" in rw else "write"]["iops"])
+    return measure
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# --- the metadata workload ---------------------------------------------------------------
+
+def machine_1000_config(path: Path, devices: int) -> None:
+    """A machine with *devices* VMBus devices: synthetic NICs and SCSI controllers, the first
+    64 of each monitored (the monitor pages hold 128), the rest with plain interrupts."""
+    lines = ['[machine]', 'name = "bench1000"', 'state_dir = "vbusfs-state-1000"',
+             'memory = "1G"', '', '[vmbus]', 'version = "5.3"']
+    for i in range(devices):
+        kind = ("nic", "scsi")[i % 2]
+        lines += ["", "[[vmbus.device]]", f'type = "{kind}"',
+                  f"monitor = {'true' if i < 128 else 'false'}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def copy_tree(src: Path, dst: Path) -> int:
+    """Copy a sysfs tree: directories, symlinks, and files with the bytes a reader gets
+    (an attribute that cannot be read becomes an empty file). Returns the file count."""
+    files = 0
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in dirnames + filenames:
+            s = Path(dirpath) / name
+            d = dst / rel / name
+            if s.is_symlink():
+                os.symlink(os.readlink(s), d)
+            elif name in filenames:
+                try:
+                    data = s.read_bytes()
+                except OSError:
+                    data = b""
+                d.write_bytes(data)
+                files += 1
+    return files
+
+
+def grep_scan(root: Path) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(["grep", "-rs", ".", str(root)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+    if p.returncode not in (0, 2):      # 2: some attribute could not be read (write-only)
+        raise RuntimeError(f"grep -r {root}: exit {p.returncode}")
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path) -> Iterator[Path]:
+    path.mkdir(exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=512M", "bench-tmpfs", str(path)])
+    try:
+        yield path
+    finally:
+        run(["umount", str(path)])
+
+
+def attr_workload(work: Path, devices: int, runs: int) -> dict[str, object]:
+    cfg = work / "machine-1000.toml"
+    machine_1000_config(cfg, devices)
+    mnt = work / "mnt-1000"
+    mnt.mkdir(exist_ok=True)
+    mount_s: list[float] = []
+    rss: list[float] = []
+    scan_vbusfs: list[float] = []
+    scan_tmpfs: list[float] = []
+    files = 0
+    with tmpfs(work / "tmpfs") as tdir:
+        for r in range(runs):
+            t0 = time.perf_counter()
+            run([sys.executable, "-m", "mountctl", "up", "-d", "-c", str(cfg), str(mnt)],
+                cwd=ROOT)
+            mount_s.append(time.perf_counter() - t0)
+            try:
+                pid = int((mnt / ".vbusfs" / "pid").read_text())
+                rss.append(vm_rss_mib(pid))
+                if r == 0:
+                    files = copy_tree(mnt / "sys", tdir / "sys")
+                for order in ((mnt, tdir), (tdir, mnt))[r % 2]:
+                    (scan_vbusfs if order == mnt else scan_tmpfs).append(
+                        grep_scan(order / "sys"))
+            finally:
+                run([sys.executable, "-m", "mountctl", "down", str(mnt)], cwd=ROOT)
+            log(f"attr scan run {r + 1}/{runs}: mount {mount_s[-1]:.2f} s, "
+                f"rss {rss[-1]:.0f} MiB, grep vbusfs {scan_vbusfs[-1]:.3f} s, "
+                f"tmpfs {scan_tmpfs[-1]:.3f} s")
+    return {"devices": devices, "files": files, "mount_s": mount_s, "rss_mib": rss,
+            "scan_vbusfs_s": scan_vbusfs, "scan_tmpfs_s": scan_tmpfs}
+
+
+# --- report ------------------------------------------------------------------------------
+
+TARGETS = [("seq_write", "passthrough", 0.8), ("seq_write", "qsd", 1.5),
+           ("seq_read", "passthrough", 0.8), ("seq_read", "qsd", 1.5),
+           ("rand4k_qd1_read", "passthrough", 0.8), ("rand4k_qd1_read", "qsd", 1.2),
+           ("rand4k_qd1_write", "passthrough", 0.8), ("rand4k_qd1_write", "qsd", 1.2),
+           ("rand4k_qd16_read", "passthrough", 0.8)]
+
+
+def fmt(x: float, unit: str) -> str:
+    if unit == "s":
+        return f"{x:.3f}"
+    return f"{x:,.0f}"
+
+
+def report(workloads: list[Workload], attr: dict[str, object] | None, names: list[str],
+           skipped: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+    ratios: dict[str, float] = {}
+    cells: dict[str, dict[str, dict[str, float | list[float]]]] = {}
+    rows = []
+    for w in workloads:
+        cells[w.key] = {}
+        row = [f"{w.title} ({w.unit})"]
+        for n in names:
+            xs = w.results.get(n)
+            if not xs:
+                row.append("skipped" if n in skipped else "—")
+                continue
+            cells[w.key][n] = {"median": median(xs), "min": min(xs), "max": max(xs),
+                               "runs": xs}
+            row.append(f"{fmt(median(xs), w.unit)} ({fmt(min(xs), w.unit)}–"
+                       f"{fmt(max(xs), w.unit)})")
+        mine = w.results.get("vbusfs")
+        for base in names[1:]:
+            theirs = w.results.get(base)
+            if mine and theirs:
+                ratios[f"{w.key}_vs_{base}"] = round(median(mine) / median(theirs), 3)
+        rows.append(row)
+    doc: dict[str, object] = {"quick": args.quick, "runs": args.runs,
+                              "image_mib": args.size // MiB, "targets": names,
+                              "skipped": skipped, "workloads": cells}
+    out = []
+    widths = [max(len(r[i]) for r in rows + [["workload"] + names]) for i in range(len(names) + 1)]
+    header = ["workload"] + names
+    out.append("  ".join(h.ljust(widths[i]) for i, h in enumerate(header)))
+    for r in rows:
+        out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)))
+    out.append("")
+    out.append("ratios (vbusfs ÷ baseline; throughput, higher is better):")
+    for k, v in ratios.items():
+        out.append(f"  {k:36} {v:.2f}")
+    if attr is not None:
+        sv = median(attr["scan_vbusfs_s"])   # type: ignore[arg-type]
+        st = median(attr["scan_tmpfs_s"])    # type: ignore[arg-type]
+        ratios["attr_scan_vs_tmpfs"] = round(sv / st, 2)
+        mount_s = median(attr["mount_s"])     # type: ignore[arg-type]
+        rss = median(attr["rss_mib"])         # type: ignore[arg-type]
+        n = attr["devices"]
+        doc[f"mount_{n}_s"] = round(mount_s, 3)
+        doc[f"rss_{n}_mib"] = round(rss, 1)
+        doc["attr_scan"] = attr
+        out.append(f"  {'attr_scan_vs_tmpfs (time ratio)':36} {sv / st:.2f}   "
+                   f"(grep -r over {attr['files']} files: {sv:.3f} s vs {st:.3f} s)")
+        out.append(f"mount with {n} VMBus devices: {mount_s:.2f} s "
+                   f"({min(attr['mount_s']):.2f}–{max(attr['mount_s']):.2f}), "  # type: ignore[type-var]
+                   f"resident {rss:.0f} MiB")
+    doc["ratios"] = ratios
+    out.append("")
+    out.append("targets:")
+    verdicts = {}
+    for key, base, goal in TARGETS:
+        k = f"{key}_vs_{base}"
+        if k in ratios:
+            ok = ratios[k] >= goal
+            verdicts[k] = ok
+            out.append(f"  {'met    ' if ok else 'NOT met'} {k} = {ratios[k]:.2f} (≥ {goal})")
+        else:
+            out.append(f"  skipped {k} (≥ {goal})")
+    if attr is not None:
+        checks = [("attr_scan_vs_tmpfs", ratios["attr_scan_vs_tmpfs"], 10.0, "≤ 10"),
+                  (f"mount_{attr['devices']}_s", doc[f"mount_{attr['devices']}_s"], 3.0, "≤ 3 s"),
+                  (f"rss_{attr['devices']}_mib", doc[f"rss_{attr['devices']}_mib"], 200.0,
+                   "≤ 200 MiB")]
+        for k, v, limit, text in checks:
+            ok = float(v) <= limit  # type: ignore[arg-type]
+            verdicts[k] = ok
+            out.append(f"  {'met    ' if ok else 'NOT met'} {k} = {v} ({text})")
+    doc["targets_met"] = verdicts
+    for n, why in skipped.items():
+        out.append(f"skipped {n}: {why}")
+    doc["table"] = "\n".join(out)
+    return doc
+
+
+# --- main --------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="a smaller version (64 MiB, 1 s fio runs) in under a minute")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--runs", type=int, default=3, help="runs per cell (median; ≥ 3)")
+    ap.add_argument("--workdir", default="/var/tmp/vbusfs-bench",
+                    help="where the images and mount points go (default %(default)s)")
+    ap.add_argument("--only", help="comma-separated workload keys to run")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("must run as root (it mounts, drops caches and uses tmpfs)")
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    args.size = 64 * MiB if args.quick else 1024 * MiB
+    fio_s = 1.0 if args.quick else 5.0
+    fio_size = args.size
+    count = args.size // MiB
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    skipped: dict[str, str] = {}
+    kinds: list[type[Target]] = [VbusfsTarget, PassthroughTarget, QsdTarget, ImageTarget]
+    if shutil.which("qemu-storage-daemon") is None:
+        skipped["qsd"] = "qemu-storage-daemon is not installed (Debian: qemu-system-common)"
+        kinds.remove(QsdTarget)
+    names = [k.name for k in (VbusfsTarget, PassthroughTarget, QsdTarget, ImageTarget)]
+    workloads = [
+        Workload("seq_write", "dd 1M write, fsync", "MB/s", True, dd_write(count)),
+        Workload("seq_read", "dd 1M read, cold", "MB/s", True, dd_read(count), cold=True),
+    ]
+    if shutil.which("fio") is None:
+        skipped["fio"] = "fio is not installed: the 4 KiB workloads were not run"
+    else:
+        workloads += [
+            Workload("rand4k_qd1_read", "fio 4K randread psync QD1", "IOPS", True,
+                     fio("randread", "psync", 1, False, fio_s, fio_size), warm=True),
+            Workload("rand4k_qd1_write", "fio 4K randwrite psync QD1", "IOPS", True,
+                     fio("randwrite", "psync", 1, False, fio_s, fio_size), warm=True),
+            Workload("rand4k_qd16_read", "fio 4K randread libaio direct QD16", "IOPS", True,
+                     fio("randread", "libaio", 16, True, fio_s, fio_size), warm=True),
+        ]
+    only = set(args.only.split(",")) if args.only else None
+    if only is not None:
+        workloads = [w for w in workloads if w.key in only]
+
+    log(f"images of {count} MiB in {work}")
+    targets = [k(work, args.size) for k in kinds]
+    attr = None
+    with contextlib.ExitStack() as stack:
+        for t in targets:
+            t.start()
+            stack.callback(t.stop)
+        for w in workloads:
+            for r in range(args.runs):
+                order = targets[r % len(targets):] + targets[:r % len(targets)]
+                for t in order:
+                    if w.cold:
+                        drop_caches()
+                    if w.warm:
+                        run(["dd", f"if={t.image}", "of=/dev/null", "bs=1M"])
+                    x = w.measure(t.path)
+                    w.results.setdefault(t.name, []).append(x)
+                    log(f"{w.key} run {r + 1}/{args.runs} {t.name}: {fmt(x, w.unit)} {w.unit}")
+    if only is None or "attr_scan" in only:
+        attr = attr_workload(work, 1000, args.runs)
+
+    doc = report(workloads, attr, names, skipped, args)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(doc["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -50,8 +50,12 @@ class _Open:
 
 
 class VbusFS(pyfuse3.Operations):
-    """Dynamic files use direct I/O and no attribute caching; the tree shape may be cached
-    for one second, so a hot-added or removed device shows within a second."""
+    """Dynamic files use direct I/O, so their contents are never cached. The tree shape and
+    directory attributes (link count, mtime) may be cached for one second, so a hot-added or
+    removed device shows within a second. The attributes of everything else cannot change
+    (an attribute file is 4096 bytes with a fixed mode, a symlink's target is fixed, a disk
+    keeps its size), so the kernel may keep them: without that, the permission walk of every
+    open costs a GETATTR per path component and a `grep -r` makes five of them per file."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -75,7 +79,7 @@ class VbusFS(pyfuse3.Operations):
         a.st_ino = pyfuse3.InodeT(node.ino)
         a.generation = 0
         a.entry_timeout = self.entry_timeout
-        a.attr_timeout = 0
+        a.attr_timeout = self.entry_timeout if isinstance(node, Directory) else 3600
         a.st_mode = pyfuse3.ModeT(node.mode)
         a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values()) \
             if isinstance(node, Directory) else 1

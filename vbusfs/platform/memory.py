@@ -44,13 +44,15 @@ class GuestMemory:
                     del self._free[i]
                 else:
                     self._free[i] = (start + count, n - count)
-                self._mem[start * PAGE_SIZE:(start + count) * PAGE_SIZE] = bytes(
-                    count * PAGE_SIZE)
-                return start
+                return start      # free frames are zero: never touched, or dropped by free()
         raise MemoryError_(f"no {count} contiguous free frames in guest memory")
 
     def free(self, pfn: int, count: int) -> None:
+        """Return frames; they read as zeros from now on and stop being resident (as a
+        hypervisor reclaims a ballooned-out page), so memory the guest never wrote costs
+        nothing: the mapping is private and anonymous."""
         self._check(pfn, count)
+        self._map.madvise(mmap.MADV_DONTNEED, pfn * PAGE_SIZE, count * PAGE_SIZE)
         self._free.append((pfn, count))
         self._free.sort()
         merged: list[tuple[int, int]] = []

@@ -76,6 +76,20 @@ class RawImage:
             raise ImageError(errno.EIO, f"short read at {offset}: {got} of {want} bytes")
         return got
 
+    def preadv_nowait(self, bufs: Buffers, offset: int) -> bool:
+        """Read only if the page cache holds all of it (``RWF_NOWAIT``): True when done,
+        False when it would block (nothing useful was read). Never blocks."""
+        want = sum(len(b) for b in bufs)
+        try:
+            got = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        if got == want:
+            return True
+        if got == 0 and offset >= self.size:
+            raise ImageError(errno.EIO, f"short read at {offset}: 0 of {want} bytes")
+        return False             # partly cached: the blocking read does it all
+
     def pwritev(self, bufs: Buffers, offset: int) -> int:
         total = sum(len(b) for b in bufs)
         done = os.pwritev(self.fd, bufs, offset)

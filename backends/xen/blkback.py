@@ -14,10 +14,13 @@ and a bad one is answered with ``BLKIF_RSP_ERROR`` (or ``EOPNOTSUPP`` for an ope
 offered) without touching the image. A frontend that publishes more requests than the ring
 holds (``RING_REQUEST_PROD_OVERFLOW``) gets its ring halted, as Linux blkback does.
 
-Valid requests found on one doorbell run in ring order in one worker-thread call, straight
-from guest memory with ``preadv``/``pwritev``; segments that are contiguous in guest memory
-become one iovec entry. Flush and barrier are ``fdatasync`` and, since the batch runs in
-order, ordered after everything before them; discard punches a hole.
+Valid requests found on one doorbell run in ring order, straight from guest memory with
+``preadv``/``pwritev``; segments that are contiguous in guest memory become one iovec entry.
+The notification is handled directly when the ring is idle (see
+:class:`~vbusfs.platform.doorbell.Doorbell`): reads the page cache holds are done at once
+with ``RWF_NOWAIT``; the first request that could block, and everything after it, goes in
+one call to the image's I/O thread. Flush and barrier are ``fdatasync`` and, since a batch
+runs in order, ordered after everything before them; discard punches a hole.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 import trio
 
 from backends.storage.raw import RawImage
+from backends.storage.worker import IoWorker
 from backends.xen.xenstore import Store
 from vbusfs.platform.event_channel import EventChannels
 from vbusfs.platform.grant_table import GrantError, GrantTable
@@ -108,7 +112,9 @@ class Blkback:
         self._ring_scope: trio.CancelScope | None = None
         self._busy = False                    # a batch is being executed and answered
         self._idle = trio.Event()
-        self.limiter = trio.CapacityLimiter(1)
+        self._deferred: list[_Work] = []      # taken off the ring directly, for the task
+        self._nowait = True                   # the image's filesystem takes RWF_NOWAIT
+        self.worker = IoWorker(f"blkback {spec.vdev.name}")
 
     # -- xenstore ----------------------------------------------------------------------------
     def _w(self, key: str, value: object) -> None:
@@ -180,6 +186,7 @@ class Blkback:
         finally:
             self.store.unwatch(watch)
             self._disconnect()
+            self.worker.close()
             if self.image is not None:
                 self.image.close()
 
@@ -281,33 +288,95 @@ class Blkback:
 
     # -- the ring ---------------------------------------------------------------------------
     async def _serve_ring(self) -> None:
+        port = self.evtchn.get(self.domid, self.port)
+        bell = port.bell
+        ring = self.ring
+        assert ring is not None
         with trio.CancelScope() as scope:
             self._ring_scope = scope
-            bell = self.evtchn.get(self.domid, self.port).bell
-            ring = self.ring
-            assert ring is not None
-            while True:
-                await bell.wait()
+            bell.handler = self._doorbell
+            try:
                 while True:
-                    work = self._consume(ring)
-                    if self.broken:
-                        return
-                    # Requests taken off the ring are always completed and answered: a
-                    # disconnect waits for this batch rather than dropping it (Linux blkback
-                    # also refuses to disconnect while requests are in flight).
-                    self._busy = True
-                    with trio.CancelScope(shield=True):
-                        if work:
-                            await trio.to_thread.run_sync(self._execute, work,
-                                                          limiter=self.limiter)
-                            self._finish(ring, work)
-                        if ring.push_responses_and_check_notify():
-                            self.evtchn.send(self.domid, self.port)
-                    self._busy = False
-                    self._idle.set()
-                    self._idle = trio.Event()
-                    if not ring.final_check_for_requests():
-                        break
+                    await bell.wait()
+                    while True:
+                        work = self._deferred + self._consume(ring)
+                        self._deferred = []
+                        if self.broken:
+                            self._busy = False
+                            self._idle.set()
+                            return
+                        await self._answer(ring, work)
+                        if not ring.final_check_for_requests():
+                            break
+            finally:
+                bell.handler = None
+                if self._deferred:               # cancelled before the task took them
+                    work, self._deferred = self._deferred, []
+                    await self._answer(ring, work)
+
+    async def _answer(self, ring: BackRing, work: list[_Work]) -> None:
+        """Do a batch and answer it. Requests taken off the ring are always completed and
+        answered: a disconnect waits for this rather than dropping them (Linux blkback also
+        refuses to disconnect while requests are in flight)."""
+        self._busy = True
+        with trio.CancelScope(shield=True):
+            done = self._run_inline(work)
+            if done < len(work):
+                await self.worker.run(self._execute, work[done:])
+            self._finish(ring, work)
+            self._notify(ring)
+        self._busy = False
+        self._idle.set()
+        self._idle = trio.Event()
+
+    def _doorbell(self) -> bool:
+        """The frontend's notification, handled directly while the ring task is idle: take
+        the requests, do the ones that cannot block (reads the page cache holds) and answer
+        them; anything that would block goes to the ring task, in ring order, and from then
+        on the task owns the ring until it has answered them."""
+        ring = self.ring
+        if self._busy or ring is None or self._ring_scope is None or self.broken:
+            return False
+        while True:
+            work = self._consume(ring)
+            if self.broken:
+                return True
+            done = self._run_inline(work)
+            self._finish(ring, work[:done])
+            if done < len(work):
+                self._deferred = work[done:]
+                self._busy = True                  # the task takes it from here
+                self._notify(ring)
+                return False
+            self._notify(ring)
+            if not ring.final_check_for_requests():
+                return True
+
+    def _notify(self, ring: BackRing) -> None:
+        if ring.push_responses_and_check_notify():
+            self.evtchn.send(self.domid, self.port)
+
+    def _run_inline(self, work: list[_Work]) -> int:
+        """Do the leading reads of ``work`` that the page cache can satisfy at once
+        (``RWF_NOWAIT``); returns how many were done. The first request that is not a read,
+        or would block, stops it: what follows runs on the I/O thread, still in order."""
+        if not self._nowait:
+            return 0
+        img = self.image
+        assert img is not None
+        for i, w in enumerate(work):
+            if w.kind != Op.READ:
+                return i
+            try:
+                if not img.preadv_nowait(w.iov, w.offset):
+                    return i
+            except OSError as e:
+                if e.errno == errno.EOPNOTSUPP:
+                    self._nowait = False          # this filesystem cannot say
+                    return i
+                log.warning("%s: I/O error: %s", self.path, e)
+                w.status = Status.ERROR
+        return len(work)
 
     def _consume(self, ring: BackRing) -> list[_Work]:
         prod = ring.req_prod

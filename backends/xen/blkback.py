@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,8 @@ __all__ = ["Blkback", "VbdSpec", "FEATURES", "MAX_PERSISTENT_GRANTS"]
 FEATURES = ("flush", "barrier", "discard", "persistent")
 MAX_PERSISTENT_GRANTS = 1056           # Linux xen_blkif_max_pgrants default
 SECTORS_PER_PAGE = PAGE_SIZE // blkif.SECTOR
+_FULL_PAGES = bytes([SECTORS_PER_PAGE - 1]) * blkif.SEGMENTS_PER_INDIRECT_PAGE * \
+    blkif.MAX_INDIRECT_PAGES
 
 
 @dataclass(frozen=True)
@@ -429,10 +432,8 @@ class Blkback:
                 raise _Bad(Status.ERROR, f"{nseg} segments in a direct request")
             if nseg == 0 and op in (Op.READ, Op.WRITE):
                 raise _Bad(Status.ERROR, "read or write without segments")
-            segs = [blkif.SEGMENT.unpack_from(raw, blkif.REQUEST_HEAD.size + 8 * i)
-                    for i in range(nseg)]
-            kind = op
-            return self._rw(req_id, op, kind, sector, segs)
+            segs = blkif.unpack_segments(raw[blkif.REQUEST_HEAD.size:], nseg)
+            return self._rw(req_id, op, op, sector, *segs)
         if op == Op.INDIRECT:
             _, iop, nseg, _, sector, _handle, *grefs = blkif.INDIRECT.unpack_from(raw)
             if not self.spec.indirect_segments:
@@ -448,8 +449,8 @@ class Blkback:
                 pfn = self._map(ref, write=False)
                 table += self.memory.view(pfn)        # copy, then validate the copy
                 self.grants.unmap(ref)
-            segs = [blkif.SEGMENT.unpack_from(table, 8 * i) for i in range(nseg)]
-            return self._rw(req_id, iop, iop, sector, segs)   # Linux answers with indirect_op
+            segs = blkif.unpack_segments(table, nseg)
+            return self._rw(req_id, iop, iop, sector, *segs)  # Linux answers with indirect_op
         if op == Op.DISCARD:
             _, flag, _handle, _, sector, nsec = blkif.DISCARD.unpack_from(raw)
             if "discard" not in f or flag & blkif.DISCARD_SECURE:
@@ -476,22 +477,32 @@ class Blkback:
         except GrantError as e:
             raise _Bad(Status.ERROR, str(e)) from None
 
-    def _rw(self, req_id: int, op: int, kind: int, sector: int,
-            segs: list[tuple[int, int, int]]) -> _Work:
+    def _rw(self, req_id: int, op: int, kind: int, sector: int, refs: list[int],
+            firsts: bytes, lasts: bytes) -> _Work:
         writes_disk = kind != Op.READ
-        if writes_disk and self.spec.readonly and segs:
+        nseg = len(refs)
+        if writes_disk and self.spec.readonly and nseg:
             raise _Bad(Status.ERROR, "write to a read-only disk")
-        nsec = 0
-        for _ref, first, last in segs:
-            if last >= SECTORS_PER_PAGE or last < first:
-                raise _Bad(Status.ERROR, f"segment sectors {first}..{last}")
-            nsec += last - first + 1
+        # whole-array checks (a 1 MiB request has 256 segments)
+        if nseg and (max(lasts) >= SECTORS_PER_PAGE or any(map(operator.gt, firsts, lasts))):
+            bad = next(i for i in range(nseg)
+                       if lasts[i] >= SECTORS_PER_PAGE or lasts[i] < firsts[i])
+            raise _Bad(Status.ERROR, f"segment sectors {firsts[bad]}..{lasts[bad]}")
+        nsec = sum(lasts) - sum(firsts) + nseg
         self._check_range(sector, nsec)
         # Map: the backend writes guest pages on READ, reads them otherwise.
+        pfns = list(map(self._pgrants.get, refs)) if self.persistent else [None] * nseg
+        if nseg and None not in pfns and not any(firsts) and \
+                lasts[:-1] == _FULL_PAGES[:nseg - 1] and \
+                pfns == list(range(pfns[0], pfns[0] + nseg)):     # type: ignore[operator]
+            # persistently mapped, whole pages, contiguous in guest memory: one extent
+            iov: tuple[memoryview, ...] = (self.memory.gpa_view(
+                pfns[0] * PAGE_SIZE, nsec * blkif.SECTOR),)        # type: ignore[operator]
+            return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR, iov)
         mapped: list[int] = []
         extents: list[list[int]] = []       # [gpa, length], merged when contiguous
         try:
-            for ref, first, last in segs:
+            for ref, first, last in zip(refs, firsts, lasts):
                 pfn = self._persistent(ref)
                 if pfn is None:
                     pfn = self._map(ref, write=not writes_disk)

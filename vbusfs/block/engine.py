@@ -127,7 +127,12 @@ class PagePool:
         if not pfns:
             return
         runs: list[list[int]] = []
-        for p in pfns:
+        if pfns[-1] - pfns[0] == len(pfns) - 1:      # one run (pages come in order)
+            runs.append([pfns[0], len(pfns)])
+            pfns_left: Sequence[int] = ()
+        else:
+            pfns_left = pfns
+        for p in pfns_left:
             if runs and runs[-1][0] + runs[-1][1] == p:
                 runs[-1][1] += 1
             else:
@@ -319,31 +324,60 @@ class Engine:
         raise OSError(errno.EIO, f"{what}: backend reported an I/O error ({status})")
 
     # -- the operations the block layer uses ------------------------------------------------
+    def _pages_view(self, pages: list[int]) -> memoryview | None:
+        """One view over ``pages`` when they are contiguous in guest memory (the pool hands
+        out single runs whenever it can), so data moves with one copy, not one per page."""
+        if pages and pages[-1] - pages[0] == len(pages) - 1:
+            return self.memory.view(pages[0], len(pages))
+        return None
+
+    async def _read_cmd(self, sector: int, n: int) -> tuple[Command, int]:
+        cmd = await self._get(-(-n // PAGE_SIZE))
+        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
+        return cmd, await self._submit(cmd)
+
     async def read(self, sector: int, out: memoryview) -> None:
         """Read ``len(out)`` bytes (a multiple of 512, at most :attr:`max_bytes`)."""
         n = len(out)
-        npages = -(-n // PAGE_SIZE)
-        cmd = await self._get(npages)
-        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
-        status = await self._submit(cmd)
+        cmd, status = await self._read_cmd(sector, n)
         try:
             if status == 0:
-                mem = self.memory
-                for i, pfn in enumerate(cmd.pages):
-                    chunk = min(PAGE_SIZE, n - i * PAGE_SIZE)
-                    out[i * PAGE_SIZE:i * PAGE_SIZE + chunk] = mem.view(pfn)[:chunk]
+                whole = self._pages_view(cmd.pages)
+                if whole is not None:
+                    out[:] = whole[:n]
+                else:
+                    mem = self.memory
+                    for i, pfn in enumerate(cmd.pages):
+                        chunk = min(PAGE_SIZE, n - i * PAGE_SIZE)
+                        out[i * PAGE_SIZE:i * PAGE_SIZE + chunk] = mem.view(pfn)[:chunk]
         finally:
             self._release(cmd)
         self._check(status, f"read at sector {sector}")
 
+    async def read_bytes(self, sector: int, n: int) -> bytes:
+        """Like :meth:`read`, returning the data as ``bytes`` copied once from the pages."""
+        cmd, status = await self._read_cmd(sector, n)
+        try:
+            if status == 0:
+                whole = self._pages_view(cmd.pages)
+                data = bytes(whole[:n]) if whole is not None else b"".join(
+                    self.memory.view(pfn) for pfn in cmd.pages)[:n]
+        finally:
+            self._release(cmd)
+        self._check(status, f"read at sector {sector}")
+        return data
+
     async def write(self, sector: int, data: memoryview, ordered: bool = False) -> None:
         n = len(data)
-        npages = -(-n // PAGE_SIZE)
-        cmd = await self._get(npages)
-        mem = self.memory
-        for i, pfn in enumerate(cmd.pages):
-            chunk = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            mem.view(pfn)[:len(chunk)] = chunk
+        cmd = await self._get(-(-n // PAGE_SIZE))
+        whole = self._pages_view(cmd.pages)
+        if whole is not None:
+            whole[:n] = data
+        else:
+            mem = self.memory
+            for i, pfn in enumerate(cmd.pages):
+                chunk = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                mem.view(pfn)[:len(chunk)] = chunk
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.WRITE, sector, n // SECTOR, n
         cmd.ordered = ordered
         status = await self._submit(cmd)

@@ -173,14 +173,17 @@ class Disk:
         lbs = self.limits.logical_block_size
         start = offset - offset % lbs
         end = -(-(offset + size) // lbs) * lbs
-        buf = bytearray(end - start)
         t0 = self._start(_READ)
         try:
+            if end - start <= self._chunk():
+                data = await self.engine.read_bytes(start // SECTOR, end - start)
+                if start == offset and end - start == size:
+                    return data            # the common case: one copy out of guest memory
+                return data[offset - start:offset - start + size]
+            buf = bytearray(end - start)
             await self._read_blocks(start, memoryview(buf))
         finally:
             self._done(_READ, t0, (end - start) // SECTOR)
-        if start == offset and end - start == size:
-            return bytes(buf)
         return bytes(buf[offset - start:offset - start + size])
 
     async def write(self, offset: int, data: bytes) -> int:

@@ -103,8 +103,8 @@ class BlkifTransport:
     def map_command(self, cmd: Command) -> None:
         g = self.env.grants
         if self.persistent:
-            cmd.refs = [self.pgrants[p] for p in cmd.pages] + \
-                [self.pgrants[p] for p in cmd.extra_pages]
+            get = self.pgrants.__getitem__
+            cmd.refs = list(map(get, cmd.pages)) + list(map(get, cmd.extra_pages))
             return
         ro = cmd.op != CmdOp.READ          # the backend only reads what we write
         cmd.refs = [g.grant_access(self.backend_id, p, ro) for p in cmd.pages] + \
@@ -117,16 +117,6 @@ class BlkifTransport:
                     self.leaked_grants += 1       # still mapped by the backend
         cmd.refs = []
 
-    def _segments(self, cmd: Command) -> list[tuple[int, int]]:
-        """(ref, last_sect) per data page; data always starts at sector 0 of a page."""
-        out = []
-        left = cmd.nsectors
-        for i in range(len(cmd.pages)):
-            n = min(left, PAGE_SIZE // blkif.SECTOR)
-            out.append((cmd.refs[i], n - 1))
-            left -= n
-        return out
-
     def post(self, cmd: Command) -> None:
         ring = self.ring
         view = ring.view
@@ -138,26 +128,28 @@ class BlkifTransport:
             op = Op.FLUSH_DISKCACHE if self.has_flush else Op.WRITE_BARRIER
             blkif.REQUEST_HEAD.pack_into(view, off, op, 0, self.handle, cmd.id, cmd.sector)
         else:
+            # Data always starts at sector 0 of a page; only the last page may be partial.
             op = Op.READ if cmd.op == CmdOp.READ else \
                 Op.WRITE_BARRIER if cmd.ordered and self.has_barrier else Op.WRITE
-            segs = self._segments(cmd)
-            if len(segs) <= blkif.MAX_SEGMENTS_PER_REQUEST:
-                blkif.REQUEST_HEAD.pack_into(view, off, op, len(segs), self.handle, cmd.id,
+            nseg = len(cmd.pages)
+            refs = cmd.refs[:nseg]
+            if nseg <= blkif.MAX_SEGMENTS_PER_REQUEST:
+                blkif.REQUEST_HEAD.pack_into(view, off, op, nseg, self.handle, cmd.id,
                                              cmd.sector)
                 at = off + blkif.REQUEST_HEAD.size
-                for ref, last in segs:
-                    blkif.SEGMENT.pack_into(view, at, ref, 0, last)
-                    at += blkif.SEGMENT.size
+                blkif.pack_segments(view[at:at + 8 * nseg], refs, cmd.nsectors)
             else:
                 mem = self.env.memory
                 per = blkif.SEGMENTS_PER_INDIRECT_PAGE
+                left = cmd.nsectors
                 for i, pfn in enumerate(cmd.extra_pages):
-                    page = mem.view(pfn)
-                    for j, (ref, last) in enumerate(segs[i * per:(i + 1) * per]):
-                        blkif.SEGMENT.pack_into(page, j * blkif.SEGMENT.size, ref, 0, last)
-                irefs = cmd.refs[len(cmd.pages):]
+                    part = refs[i * per:(i + 1) * per]
+                    nsec = min(left, len(part) * (PAGE_SIZE // blkif.SECTOR))
+                    blkif.pack_segments(mem.view(pfn), part, nsec)
+                    left -= nsec
+                irefs = cmd.refs[nseg:]
                 grefs = irefs + [0] * (blkif.MAX_INDIRECT_PAGES - len(irefs))
-                blkif.INDIRECT.pack_into(view, off, Op.INDIRECT, op, len(segs), cmd.id,
+                blkif.INDIRECT.pack_into(view, off, Op.INDIRECT, op, nseg, cmd.id,
                                          cmd.sector, self.handle, *grefs)
         ring.req_prod_pvt = (ring.req_prod_pvt + 1) & _M32
 

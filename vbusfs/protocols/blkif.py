@@ -8,14 +8,17 @@ tests/test_blkif_layout.py.
 
 from __future__ import annotations
 
+import array
 import enum
 import struct
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "Op", "Status", "SLOT_SIZE", "MAX_SEGMENTS_PER_REQUEST", "MAX_INDIRECT_PAGES",
     "SEGMENTS_PER_INDIRECT_PAGE", "SECTOR", "VDISK_CDROM", "VDISK_REMOVABLE", "VDISK_READONLY",
-    "DISCARD_SECURE", "Segment", "SEGMENT", "REQUEST_HEAD", "DISCARD", "INDIRECT", "RESPONSE",
+    "DISCARD_SECURE", "Segment", "SEGMENT", "pack_segments", "unpack_segments", "REQUEST_HEAD", "DISCARD", "INDIRECT", "RESPONSE",
 ]
 
 
@@ -54,6 +57,34 @@ DISCARD = struct.Struct("<BBH4xQQQ")
 INDIRECT = struct.Struct("<BBH4xQQH2x8I4x")
 #: blkif_response: id, operation, pad, status (int16), pad
 RESPONSE = struct.Struct("<QBxh4x")
+
+
+def pack_segments(dst: memoryview, refs: Sequence[int], nsectors: int) -> None:
+    """Write ``len(refs)`` segments into ``dst``, one page each from sector 0, covering
+    ``nsectors`` 512-byte sectors (only the last page may be partial): the layout every
+    request of this frontend uses. One array operation, not a ``struct`` call per segment
+    (a 1 MiB request has 256)."""
+    n = len(refs)
+    per_page = 4096 // SECTOR
+    words = array.array("I", bytes(8 * n))
+    words[0::2] = array.array("I", refs)
+    meta = array.array("I", [(per_page - 1) << 8]) * n      # first_sect 0, last_sect 7
+    meta[-1] = (nsectors - (n - 1) * per_page - 1) << 8
+    words[1::2] = meta
+    if sys.byteorder != "little":
+        words.byteswap()
+    dst[:8 * n] = memoryview(words).cast("B")
+
+
+def unpack_segments(src: bytes, n: int) -> tuple[list[int], bytes, bytes]:
+    """The grant refs, first sectors and last sectors of ``n`` segments at the start of
+    ``src`` (pad bytes ignored, as Linux does)."""
+    raw = bytes(src[:8 * n])
+    words = array.array("I")
+    words.frombytes(raw)
+    if sys.byteorder != "little":
+        words.byteswap()
+    return words[0::2].tolist(), raw[4::8], raw[5::8]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ whole batch at once and do what cannot block (cached reads) without it.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from typing import Any, TypeVar
 
 import outcome
 import trio
+
+log = logging.getLogger(__name__)
 
 __all__ = ["IoWorker"]
 
@@ -40,17 +43,30 @@ class IoWorker:
             fn, args, report = job
             result = outcome.capture(fn, *args)
             try:
-                token.run_sync_soon(report, result)
+                token.run_sync_soon(self._report, report, result)
             except trio.RunFinishedError:
                 return
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the thread and return its result (or raise its error). The
-        call goes on even if the caller is cancelled, so callers shield it."""
+    def _report(self, report: Callable[[outcome.Outcome[Any]], None],
+                result: outcome.Outcome[Any]) -> None:
+        try:
+            report(result)
+        except Exception:        # never let a completion take the event loop down
+            log.exception("%s: completion failed", self.name)
+
+    def submit(self, fn: Callable[..., T], args: tuple[Any, ...],
+               report: Callable[[outcome.Outcome[T]], None]) -> None:
+        """Queue ``fn(*args)``; ``report(outcome)`` is then called on the trio thread, as a
+        plain callback (no task is woken for it). Jobs run one at a time, in order."""
         if self._thread is None:
             self._token = trio.lowlevel.current_trio_token()
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+        self._jobs.put((fn, args, report))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the thread and return its result (or raise its error). The
+        call goes on even if the caller is cancelled, so callers shield it."""
         done = trio.Event()
         box: list[outcome.Outcome[T]] = []
 
@@ -58,12 +74,14 @@ class IoWorker:
             box.append(result)
             done.set()
 
-        self._jobs.put((fn, args, report))
+        self.submit(fn, args, report)
         await done.wait()
         return box[0].unwrap()
 
     def close(self) -> None:
-        """Let the thread finish what it has and exit."""
-        if self._thread is not None:
+        """Let the thread finish every queued job, and wait for it: the caller may close
+        the file those jobs use right after."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._jobs.put(None)
-            self._thread = None
+            thread.join()

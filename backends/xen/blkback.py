@@ -113,9 +113,8 @@ class Blkback:
         self.requests = 0
         self.errors = 0
         self._ring_scope: trio.CancelScope | None = None
-        self._busy = False                    # a batch is being executed and answered
+        self._in_io = 0                       # requests out on the I/O thread
         self._idle = trio.Event()
-        self._deferred: list[_Work] = []      # taken off the ring directly, for the task
         self._nowait = True                   # the image's filesystem takes RWF_NOWAIT
         self.worker = IoWorker(f"blkback {spec.vdev.name}")
 
@@ -271,7 +270,7 @@ class Blkback:
         if self._ring_scope is not None:
             self._ring_scope.cancel()
             self._ring_scope = None
-        while self._busy:
+        while self._in_io:
             await self._idle.wait()
         self._disconnect()
 
@@ -291,55 +290,31 @@ class Blkback:
 
     # -- the ring ---------------------------------------------------------------------------
     async def _serve_ring(self) -> None:
-        port = self.evtchn.get(self.domid, self.port)
-        bell = port.bell
-        ring = self.ring
-        assert ring is not None
+        """Install the direct handler and stay as its fallback: a ring the handler left
+        pending (it failed) is served from here."""
+        bell = self.evtchn.get(self.domid, self.port).bell
         with trio.CancelScope() as scope:
             self._ring_scope = scope
-            bell.handler = self._doorbell
+            bell.handler = self._pump
             try:
+                self._pump()                 # requests posted before we were connected
                 while True:
                     await bell.wait()
-                    while True:
-                        work = self._deferred + self._consume(ring)
-                        self._deferred = []
-                        if self.broken:
-                            self._busy = False
-                            self._idle.set()
-                            return
-                        await self._answer(ring, work)
-                        if not ring.final_check_for_requests():
-                            break
+                    self._pump()
             finally:
                 bell.handler = None
-                if self._deferred:               # cancelled before the task took them
-                    work, self._deferred = self._deferred, []
-                    await self._answer(ring, work)
 
-    async def _answer(self, ring: BackRing, work: list[_Work]) -> None:
-        """Do a batch and answer it. Requests taken off the ring are always completed and
-        answered: a disconnect waits for this rather than dropping them (Linux blkback also
-        refuses to disconnect while requests are in flight)."""
-        self._busy = True
-        with trio.CancelScope(shield=True):
-            done = self._run_inline(work)
-            if done < len(work):
-                await self.worker.run(self._execute, work[done:])
-            self._finish(ring, work)
-            self._notify(ring)
-        self._busy = False
-        self._idle.set()
-        self._idle = trio.Event()
-
-    def _doorbell(self) -> bool:
-        """The frontend's notification, handled directly while the ring task is idle: take
-        the requests, do the ones that cannot block (reads the page cache holds) and answer
-        them; anything that would block goes to the ring task, in ring order, and from then
-        on the task owns the ring until it has answered them."""
+    def _pump(self) -> bool:
+        """Take what the frontend posted and answer it. Runs directly from the frontend's
+        notification (see :class:`~vbusfs.platform.doorbell.Doorbell`), and again when an
+        I/O batch completes. Reads the page cache holds are done at once (``RWF_NOWAIT``);
+        the first request that could block, and everything after it, go to the image's
+        I/O thread as one batch, whose completion answers them and pumps again. While a
+        batch is out, nothing else is taken, so requests run in ring order and a flush or
+        barrier is ordered after everything before it."""
         ring = self.ring
-        if self._busy or ring is None or self._ring_scope is None or self.broken:
-            return False
+        if ring is None or self._ring_scope is None or self.broken or self._in_io:
+            return True
         while True:
             work = self._consume(ring)
             if self.broken:
@@ -347,13 +322,29 @@ class Blkback:
             done = self._run_inline(work)
             self._finish(ring, work[:done])
             if done < len(work):
-                self._deferred = work[done:]
-                self._busy = True                  # the task takes it from here
+                batch = work[done:]
+                self._in_io = len(batch)
                 self._notify(ring)
-                return False
+                self.worker.submit(self._execute, (batch,),
+                                   lambda _result: self._batch_done(ring, batch))
+                return True
             self._notify(ring)
             if not ring.final_check_for_requests():
                 return True
+
+    def _batch_done(self, ring: BackRing, batch: list[_Work]) -> None:
+        """The I/O thread finished ``batch`` (on the trio thread): answer it, then go on."""
+        self._in_io = 0
+        if ring is self.ring:
+            self._finish(ring, batch)
+            self._notify(ring)
+        else:
+            for w in batch:
+                for ref in w.mapped:
+                    self.grants.unmap(ref)
+        self._idle.set()
+        self._idle = trio.Event()
+        self._pump()
 
     def _notify(self, ring: BackRing) -> None:
         if ring.push_responses_and_check_notify():

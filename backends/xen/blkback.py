@@ -26,6 +26,7 @@ runs in order, ordered after everything before them; discard punches a hole.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import operator
@@ -326,13 +327,13 @@ class Blkback:
                 self._in_io = len(batch)
                 self._notify(ring)
                 self.worker.submit(self._execute, (batch,),
-                                   lambda _result: self._batch_done(ring, batch))
+                                   functools.partial(self._batch_done, ring, batch))
                 return True
             self._notify(ring)
             if not ring.final_check_for_requests():
                 return True
 
-    def _batch_done(self, ring: BackRing, batch: list[_Work]) -> None:
+    def _batch_done(self, ring: BackRing, batch: list[_Work], _result: object) -> None:
         """The I/O thread finished ``batch`` (on the trio thread): answer it, then go on."""
         self._in_io = 0
         if ring is self.ring:
@@ -482,18 +483,20 @@ class Blkback:
         nsec = sum(lasts) - sum(firsts) + nseg
         self._check_range(sector, nsec)
         # Map: the backend writes guest pages on READ, reads them otherwise.
-        pfns = list(map(self._pgrants.get, refs)) if self.persistent else [None] * nseg
-        if nseg and None not in pfns and not any(firsts) and \
-                lasts[:-1] == _FULL_PAGES[:nseg - 1] and \
-                pfns == list(range(pfns[0], pfns[0] + nseg)):     # type: ignore[operator]
-            # persistently mapped, whole pages, contiguous in guest memory: one extent
-            iov: tuple[memoryview, ...] = (self.memory.gpa_view(
-                pfns[0] * PAGE_SIZE, nsec * blkif.SECTOR),)        # type: ignore[operator]
-            return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR, iov)
+        if self.persistent and nseg and not any(firsts) and \
+                lasts[:-1] == _FULL_PAGES[:nseg - 1]:
+            pfns = list(map(self._pgrants.get, refs))
+            p0 = pfns[0]
+            if p0 is not None and pfns == list(range(p0, p0 + nseg)):
+                # persistently mapped whole pages, contiguous in guest memory: one extent
+                iov: tuple[memoryview, ...] = (self.memory.gpa_view(
+                    p0 * PAGE_SIZE, nsec * blkif.SECTOR),)
+                return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR,
+                             iov)
         mapped: list[int] = []
         extents: list[list[int]] = []       # [gpa, length], merged when contiguous
         try:
-            for ref, first, last in zip(refs, firsts, lasts):
+            for ref, first, last in zip(refs, firsts, lasts, strict=True):
                 pfn = self._persistent(ref)
                 if pfn is None:
                     pfn = self._map(ref, write=not writes_disk)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 __all__ = [
     "Op", "Status", "SLOT_SIZE", "MAX_SEGMENTS_PER_REQUEST", "MAX_INDIRECT_PAGES",
     "SEGMENTS_PER_INDIRECT_PAGE", "SECTOR", "VDISK_CDROM", "VDISK_REMOVABLE", "VDISK_READONLY",
-    "DISCARD_SECURE", "Segment", "SEGMENT", "pack_segments", "unpack_segments", "REQUEST_HEAD", "DISCARD", "INDIRECT", "RESPONSE",
+    "DISCARD_SECURE", "Segment", "SEGMENT", "pack_segments", "unpack_segments",
+    "REQUEST_HEAD", "DISCARD", "INDIRECT", "RESPONSE",
 ]
 
 
@@ -76,7 +77,7 @@ def pack_segments(dst: memoryview, refs: Sequence[int], nsectors: int) -> None:
     dst[:8 * n] = memoryview(words).cast("B")
 
 
-def unpack_segments(src: bytes, n: int) -> tuple[list[int], bytes, bytes]:
+def unpack_segments(src: bytes | bytearray | memoryview, n: int) -> tuple[list[int], bytes, bytes]:
     """The grant refs, first sectors and last sectors of ``n`` segments at the start of
     ``src`` (pad bytes ignored, as Linux does)."""
     raw = bytes(src[:8 * n])

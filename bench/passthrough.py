@@ -5,7 +5,11 @@ grants, no copies of its own; each read and write is one ``os.pread``/``os.pwrit
 worker thread, the file is opened with direct I/O (as vbusfs opens its disks), fsync is
 ``fdatasync``. Run in the foreground; SIGTERM or SIGINT unmounts.
 
-    python bench/passthrough.py IMAGE MOUNTDIR
+    python bench/passthrough.py [--inline-reads] IMAGE MOUNTDIR
+
+``--inline-reads`` does reads with a plain ``os.pread`` on the event loop instead: no thread,
+no work, the cost of a pyfuse3 request itself (used to bound what any Python FUSE layer can
+reach here; not one of the benchmark's baselines).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ NAME = b"disk"
 class Passthrough(pyfuse3.Operations):
     enable_writeback_cache = False
 
-    def __init__(self, image: str) -> None:
+    def __init__(self, image: str, inline_reads: bool = False) -> None:
         super().__init__()
+        self.inline_reads = inline_reads
         self.fd = os.open(image, os.O_RDWR)
         self.size = os.fstat(self.fd).st_size
 
@@ -78,6 +83,8 @@ class Passthrough(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(inode), direct_io=True)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        if self.inline_reads:
+            return os.pread(self.fd, size, off)
         return await trio.to_thread.run_sync(os.pread, self.fd, size, off)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
@@ -100,11 +107,14 @@ async def _serve() -> None:
 
 
 def main(argv: list[str]) -> int:
+    inline = argv[:1] == ["--inline-reads"]
+    if inline:
+        argv = argv[1:]
     if len(argv) != 2:
-        print("usage: passthrough.py IMAGE MOUNTDIR", file=sys.stderr)
+        print("usage: passthrough.py [--inline-reads] IMAGE MOUNTDIR", file=sys.stderr)
         return 2
     image, mountpoint = argv
-    ops = Passthrough(image)
+    ops = Passthrough(image, inline)
     opts = set(pyfuse3.default_options) | {"fsname=passthrough", "allow_other"}
     pyfuse3.init(ops, mountpoint, opts)
     try:

@@ -19,8 +19,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backends.storage.worker import IoWorker  # noqa: E402
-from tests.xen_rig import xen_machine  # noqa: E402
+from backends.storage.worker import IoWorker
+from tests.xen_rig import xen_machine
 
 N = 3000
 

@@ -25,13 +25,13 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -190,7 +190,6 @@ class Workload:
     key: str
     title: str
     unit: str                     # "MB/s", "IOPS" or "s"
-    higher_is_better: bool
     measure: Callable[[Path], float]
     cold: bool = False            # drop caches before each run
     warm: bool = False            # read the backing images into the page cache first
@@ -228,10 +227,6 @@ def fio(rw: str, engine: str, depth: int, direct: bool, seconds: float,
             raise RuntimeError(f"fio {rw} on {path}: error {job['error']}")
         return float(job["read" if "read" in rw else "write"]["iops"])
     return measure
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 # --- the metadata workload ---------------------------------------------------------------
@@ -436,7 +431,6 @@ def main(argv: list[str]) -> int:
     args.size = 64 * MiB if args.quick else 1024 * MiB
     fio_s, ramp = (0.3, 0.1) if args.quick else (5.0, 0.5)
     devices = 100 if args.quick else 1000
-    fio_size = args.size
     count = args.size // MiB
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -448,19 +442,19 @@ def main(argv: list[str]) -> int:
         kinds.remove(QsdTarget)
     names = [k.name for k in (VbusfsTarget, PassthroughTarget, QsdTarget, ImageTarget)]
     workloads = [
-        Workload("seq_write", "dd 1M write, fsync", "MB/s", True, dd_write(count)),
-        Workload("seq_read", "dd 1M read, cold", "MB/s", True, dd_read(count), cold=True),
+        Workload("seq_write", "dd 1M write, fsync", "MB/s", dd_write(count)),
+        Workload("seq_read", "dd 1M read, cold", "MB/s", dd_read(count), cold=True),
     ]
     if shutil.which("fio") is None:
         skipped["fio"] = "fio is not installed: the 4 KiB workloads were not run"
     else:
         workloads += [
-            Workload("rand4k_qd1_read", "fio 4K randread psync QD1", "IOPS", True,
-                     fio("randread", "psync", 1, False, fio_s, fio_size, ramp), warm=True),
-            Workload("rand4k_qd1_write", "fio 4K randwrite psync QD1", "IOPS", True,
-                     fio("randwrite", "psync", 1, False, fio_s, fio_size, ramp), warm=True),
-            Workload("rand4k_qd16_read", "fio 4K randread libaio direct QD16", "IOPS", True,
-                     fio("randread", "libaio", 16, True, fio_s, fio_size, ramp), warm=True),
+            Workload("rand4k_qd1_read", "fio 4K randread psync QD1", "IOPS",
+                     fio("randread", "psync", 1, False, fio_s, args.size, ramp), warm=True),
+            Workload("rand4k_qd1_write", "fio 4K randwrite psync QD1", "IOPS",
+                     fio("randwrite", "psync", 1, False, fio_s, args.size, ramp), warm=True),
+            Workload("rand4k_qd16_read", "fio 4K randread libaio direct QD16", "IOPS",
+                     fio("randread", "libaio", 16, True, fio_s, args.size, ramp), warm=True),
         ]
     only = set(args.only.split(",")) if args.only else None
     if only is not None:

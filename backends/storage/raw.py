@@ -1,6 +1,7 @@
 """A raw image file: sparse when created, locked while in use, vectored I/O from guest memory.
 
-All methods block (they are called from worker threads). Sizes are fixed once open: the
+Every method but :meth:`RawImage.preadv_nowait` may block, so they run on the image's I/O
+thread; ``preadv_nowait`` never blocks and runs inline. Sizes are fixed once open: the
 device model checks every range against :attr:`size` before calling in.
 """
 

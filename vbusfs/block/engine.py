@@ -331,32 +331,12 @@ class Engine:
             return self.memory.view(pages[0], len(pages))
         return None
 
-    async def _read_cmd(self, sector: int, n: int) -> tuple[Command, int]:
+    async def read_bytes(self, sector: int, n: int) -> bytes:
+        """Read ``n`` bytes (a multiple of 512, at most :attr:`max_bytes`), copied once out
+        of the command's pages."""
         cmd = await self._get(-(-n // PAGE_SIZE))
         cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
-        return cmd, await self._submit(cmd)
-
-    async def read(self, sector: int, out: memoryview) -> None:
-        """Read ``len(out)`` bytes (a multiple of 512, at most :attr:`max_bytes`)."""
-        n = len(out)
-        cmd, status = await self._read_cmd(sector, n)
-        try:
-            if status == 0:
-                whole = self._pages_view(cmd.pages)
-                if whole is not None:
-                    out[:] = whole[:n]
-                else:
-                    mem = self.memory
-                    for i, pfn in enumerate(cmd.pages):
-                        chunk = min(PAGE_SIZE, n - i * PAGE_SIZE)
-                        out[i * PAGE_SIZE:i * PAGE_SIZE + chunk] = mem.view(pfn)[:chunk]
-        finally:
-            self._release(cmd)
-        self._check(status, f"read at sector {sector}")
-
-    async def read_bytes(self, sector: int, n: int) -> bytes:
-        """Like :meth:`read`, returning the data as ``bytes`` copied once from the pages."""
-        cmd, status = await self._read_cmd(sector, n)
+        status = await self._submit(cmd)
         try:
             if status == 0:
                 whole = self._pages_view(cmd.pages)
@@ -366,6 +346,10 @@ class Engine:
             self._release(cmd)
         self._check(status, f"read at sector {sector}")
         return data
+
+    async def read(self, sector: int, out: memoryview) -> None:
+        """Read ``len(out)`` bytes into ``out`` (same limits as :meth:`read_bytes`)."""
+        out[:] = await self.read_bytes(sector, len(out))
 
     async def write(self, sector: int, data: memoryview, ordered: bool = False) -> None:
         n = len(data)

@@ -20,6 +20,15 @@ def test_pack_segments_matches_the_struct_layout() -> None:
     assert blkif.unpack_segments(bytes(got), 4) == (refs, bytes(4), bytes([7, 7, 7, 4]))
 
 
+def test_a_single_segment_takes_the_same_layout() -> None:
+    for nsectors in (1, 3, 8):
+        got = bytearray(b"\xee" * 16)
+        blkif.pack_segments(memoryview(got), [0xABCD], nsectors)
+        assert bytes(got[:8]) == blkif.SEGMENT.pack(0xABCD, 0, nsectors - 1)
+        assert bytes(got[8:]) == b"\xee" * 8            # nothing past the segment
+        assert blkif.unpack_segments(bytes(got), 1) == ([0xABCD], b"\0", bytes([nsectors - 1]))
+
+
 def test_unpack_segments_reads_what_the_other_side_wrote() -> None:
     raw = blkif.SEGMENT.pack(9, 2, 5) + blkif.SEGMENT.pack(10, 7, 1) + b"\xff" * 8
     refs, firsts, lasts = blkif.unpack_segments(raw, 2)

@@ -78,7 +78,7 @@ class _Bad(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(slots=True)
 class _Work:
     id: int
     op: int

@@ -71,7 +71,7 @@ class Command:
         self.ordered = False
         self.single_step = False
         self.status = 0
-        self.done = trio.Event()
+        self.done: trio.Event | None = None   # made only when the caller has to wait
         self.queue = Queue.FREE
         self.refs: list[int] = []           # transport's grant references for this command
         self.abandoned = False              # its caller was cancelled while it was BUSY
@@ -205,7 +205,7 @@ class Engine:
         data = self.pool.alloc(npages) if npages else []
         cmd.pages = data
         cmd.extra_pages = self.pool.alloc(extra) if extra else []
-        cmd.done = trio.Event()
+        cmd.done = None
         cmd.status = 0
         cmd.ordered = cmd.single_step = cmd.abandoned = False
         if self._waiters:
@@ -271,7 +271,8 @@ class Engine:
             return
         cmd.queue = Queue.COMPLETE
         self.complete_q.append(cmd)
-        cmd.done.set()
+        if cmd.done is not None:
+            cmd.done.set()
 
     def fail_all(self) -> None:
         """The ring is gone: fail every queued and in-flight command, end their grants,
@@ -293,12 +294,17 @@ class Engine:
 
     async def _submit(self, cmd: Command) -> int:
         """Queue ``cmd`` and wait for its completion. The caller releases it with
-        :meth:`_release` (a read copies its data out of the pages first)."""
+        :meth:`_release` (a read copies its data out of the pages first). A backend that
+        answers from its doorbell handler (a cached read) completes the command before
+        :meth:`startio` returns; then there is nothing to wait for."""
         cmd.queue = Queue.READY
         self.ready.append(cmd)
         self.startio()
+        if cmd.queue == Queue.COMPLETE:
+            return cmd.status
+        cmd.done = done = trio.Event()
         try:
-            await cmd.done.wait()
+            await done.wait()
         except BaseException:
             if cmd.queue == Queue.READY:       # cancelled before it reached the ring
                 self.ready.remove(cmd)

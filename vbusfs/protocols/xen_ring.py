@@ -9,6 +9,7 @@ difference is taken modulo 2**32 (reference/protocols.md §1.1).
 from __future__ import annotations
 
 import struct
+import sys
 
 __all__ = ["SRING_HEADER", "ring_size", "FrontRing", "BackRing", "sring_init", "idx"]
 
@@ -39,42 +40,44 @@ def sring_init(view: memoryview) -> None:
 
 
 class _Ring:
-    __slots__ = ("view", "slot", "size")
+    """The four header words are read and written through a ``uint32`` view of the page
+    (native order, which is the ring's little-endian on every host this runs on): one index
+    operation each, as the ring is touched several times per request."""
+
+    __slots__ = ("view", "slot", "size", "_hdr")
 
     def __init__(self, view: memoryview, slot: int) -> None:
+        if sys.byteorder != "little":
+            raise NotImplementedError("the shared ring is little-endian; this host is not")
         self.view = view
         self.slot = slot
         self.size = ring_size(len(view), slot)
+        self._hdr = view[:16].cast("I")
 
     def _get(self, off: int) -> int:
-        return int(_U32.unpack_from(self.view, off)[0])
+        return self._hdr[off >> 2]
 
     def _set(self, off: int, value: int) -> None:
-        _U32.pack_into(self.view, off, idx(value))
+        self._hdr[off >> 2] = value & MASK32
 
     def slot_offset(self, index: int) -> int:
         return SRING_HEADER + (index & (self.size - 1)) * self.slot
 
     @property
     def req_prod(self) -> int:
-        return self._get(REQ_PROD)
-
-    @property
-    def rsp_prod(self) -> int:
-        return self._get(RSP_PROD)
+        return self._hdr[0]
 
     @property
     def req_event(self) -> int:
-        return self._get(REQ_EVENT)
+        return self._hdr[1]
+
+    @property
+    def rsp_prod(self) -> int:
+        return self._hdr[2]
 
     @property
     def rsp_event(self) -> int:
-        return self._get(RSP_EVENT)
-
-
-def _need_notify(new: int, old: int, event: int) -> bool:
-    """Notify iff ``event`` lies in (old, new], all modulo 2**32."""
-    return idx(new - event) < idx(new - old)
+        return self._hdr[3]
 
 
 class FrontRing(_Ring):
@@ -96,9 +99,11 @@ class FrontRing(_Ring):
 
     def push_requests_and_check_notify(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
-        old, new = self.req_prod, self.req_prod_pvt
-        self._set(REQ_PROD, new)
-        return _need_notify(new, old, self.req_event)
+        hdr = self._hdr
+        old, new = hdr[0], self.req_prod_pvt
+        hdr[0] = new
+        # notify iff req_event lies in (old, new], modulo 2**32
+        return (new - hdr[1]) & MASK32 < (new - old) & MASK32
 
     def unconsumed_responses(self) -> int:
         return idx(self.rsp_prod - self.rsp_cons)
@@ -124,18 +129,20 @@ class BackRing(_Ring):
     def unconsumed_requests(self) -> int:
         """``RING_HAS_UNCONSUMED_REQUESTS``: bounded by the free response slots, so a
         frontend that over-produces cannot make the backend overrun its responses."""
-        req = idx(self.req_prod - self.req_cons)
-        rsp = self.size - idx(self.req_cons - self.rsp_prod_pvt)
-        return min(req, rsp)
+        req = (self._hdr[0] - self.req_cons) & MASK32
+        rsp = self.size - ((self.req_cons - self.rsp_prod_pvt) & MASK32)
+        return req if req < rsp else rsp
 
     def request_prod_overflow(self, prod: int) -> bool:
         """``RING_REQUEST_PROD_OVERFLOW``: the frontend published more than fits."""
         return idx(prod - self.rsp_prod_pvt) > self.size
 
     def push_responses_and_check_notify(self) -> bool:
-        old, new = self.rsp_prod, self.rsp_prod_pvt
-        self._set(RSP_PROD, new)
-        return _need_notify(new, old, self.rsp_event)
+        hdr = self._hdr
+        old, new = hdr[2], self.rsp_prod_pvt
+        hdr[2] = new
+        # notify iff rsp_event lies in (old, new], modulo 2**32
+        return (new - hdr[3]) & MASK32 < (new - old) & MASK32
 
     def final_check_for_requests(self) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``: arm ``req_event`` and re-check."""

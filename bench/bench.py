@@ -13,8 +13,10 @@ blocks):
 Within a workload, run *r* visits the targets in an order rotated by *r*. Each cell is the
 median of the runs; ratios are vbusfs ÷ baseline of the medians (for the attribute scan, a
 ratio of times, so lower is better). The metadata workload mounts a machine with 1000 VMBus
-devices (timed, and its resident memory read from /proc), then alternates ``grep -r .`` over
-its ``sys/`` tree with the same over a copy of that tree on tmpfs.
+devices (timed, and its resident memory read from /proc), then rotates ``grep -r .`` over
+its ``sys/`` tree, over a copy of that tree on tmpfs, and over the same copy served by
+``bench/treefs.py`` (bare pyfuse3 with vbusfs's open/read/cache behaviour and nothing else:
+the floor for a Python FUSE server of that tree).
 """
 
 from __future__ import annotations
@@ -284,17 +286,42 @@ def tmpfs(path: Path) -> Iterator[Path]:
         run(["umount", str(path)])
 
 
+@contextlib.contextmanager
+def treefs(source: Path, mnt: Path) -> Iterator[Path]:
+    """``bench/treefs.py`` serving ``source`` on ``mnt``: the bare pyfuse3 floor."""
+    mnt.mkdir(exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "treefs.py"), str(source),
+                             str(mnt)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: is_mount(mnt), "treefs", proc=proc)
+        yield mnt
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if is_mount(mnt):
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+
+
 def attr_workload(work: Path, devices: int, runs: int) -> dict[str, object]:
+    """Mount the machine (timed, resident memory read), copy its ``sys/`` to tmpfs once,
+    serve that copy with ``bench/treefs.py`` too, then in each run scan all three, in an
+    order rotated by the run."""
     cfg = work / f"machine-{devices}.toml"
     machine_config(cfg, devices)
     mnt = work / f"mnt-{devices}"
     mnt.mkdir(exist_ok=True)
     mount_s: list[float] = []
     rss: list[float] = []
-    scan_vbusfs: list[float] = []
-    scan_tmpfs: list[float] = []
+    scans: dict[str, list[float]] = {"vbusfs": [], "treefs": [], "tmpfs": []}
     files = 0
-    with tmpfs(work / "tmpfs") as tdir:
+    with contextlib.ExitStack() as stack:
+        tdir = stack.enter_context(tmpfs(work / "tmpfs"))
+        roots: dict[str, Path] = {"tmpfs": tdir, "vbusfs": mnt}
         for r in range(runs):
             t0 = time.perf_counter()
             run([sys.executable, "-m", "mountctl", "up", "-d", "-c", str(cfg), str(mnt)],
@@ -305,16 +332,18 @@ def attr_workload(work: Path, devices: int, runs: int) -> dict[str, object]:
                 rss.append(vm_rss_mib(pid))
                 if r == 0:
                     files = copy_tree(mnt / "sys", tdir / "sys")
-                for order in ((mnt, tdir), (tdir, mnt))[r % 2]:
-                    (scan_vbusfs if order == mnt else scan_tmpfs).append(
-                        grep_scan(order / "sys"))
+                    roots["treefs"] = stack.enter_context(treefs(tdir, work / "mnt-treefs"))
+                order = list(scans)
+                for name in order[r % 3:] + order[:r % 3]:
+                    scans[name].append(grep_scan(roots[name] / "sys"))
             finally:
                 run([sys.executable, "-m", "mountctl", "down", str(mnt)], cwd=ROOT)
             log(f"attr scan run {r + 1}/{runs}: mount {mount_s[-1]:.2f} s, "
-                f"rss {rss[-1]:.0f} MiB, grep vbusfs {scan_vbusfs[-1]:.3f} s, "
-                f"tmpfs {scan_tmpfs[-1]:.3f} s")
+                f"rss {rss[-1]:.0f} MiB, grep vbusfs {scans['vbusfs'][-1]:.3f} s, "
+                f"treefs {scans['treefs'][-1]:.3f} s, tmpfs {scans['tmpfs'][-1]:.3f} s")
     return {"devices": devices, "files": files, "mount_s": mount_s, "rss_mib": rss,
-            "scan_vbusfs_s": scan_vbusfs, "scan_tmpfs_s": scan_tmpfs}
+            "scan_vbusfs_s": scans["vbusfs"], "scan_treefs_s": scans["treefs"],
+            "scan_tmpfs_s": scans["tmpfs"]}
 
 
 # --- report ------------------------------------------------------------------------------
@@ -371,16 +400,21 @@ def report(workloads: list[Workload], attr: dict[str, object] | None, names: lis
     if attr is not None:
         n = int(attr["devices"])                              # type: ignore[call-overload]
         runs: dict[str, list[float]] = {k: list(attr[k])      # type: ignore[call-overload]
-                                        for k in ("scan_vbusfs_s", "scan_tmpfs_s",
-                                                  "mount_s", "rss_mib")}
+                                        for k in ("scan_vbusfs_s", "scan_treefs_s",
+                                                  "scan_tmpfs_s", "mount_s", "rss_mib")}
         sv, st = median(runs["scan_vbusfs_s"]), median(runs["scan_tmpfs_s"])
+        sf = median(runs["scan_treefs_s"])
         mount_s, rss = median(runs["mount_s"]), median(runs["rss_mib"])
         ratios["attr_scan_vs_tmpfs"] = round(sv / st, 2)
+        ratios["attr_scan_vs_treefs"] = round(sv / sf, 2)
         doc[f"mount_{n}_s"] = round(mount_s, 3)
         doc[f"rss_{n}_mib"] = round(rss, 1)
         doc["attr_scan"] = attr
         out.append(f"  {'attr_scan_vs_tmpfs (time ratio)':36} {sv / st:.2f}   "
                    f"(grep -r over {attr['files']} files: {sv:.3f} s vs {st:.3f} s)")
+        out.append(f"  {'attr_scan_vs_treefs (time ratio)':36} {sv / sf:.2f}   "
+                   f"(the bare pyfuse3 floor, bench/treefs.py: {sf:.3f} s, "
+                   f"{sf / st:.1f} × tmpfs)")
         out.append(f"mount with {n} VMBus devices: {mount_s:.2f} s "
                    f"({min(runs['mount_s']):.2f}–{max(runs['mount_s']):.2f}), "
                    f"resident {rss:.0f} MiB")

@@ -32,7 +32,8 @@ def test_quick_bench_reports_ratios(tmp_path: Path) -> None:
             assert cell[target]["min"] <= cell[target]["median"] <= cell[target]["max"]
             assert cell[target]["median"] > 0
     ratios = doc["ratios"]
-    want = ["seq_write_vs_passthrough", "seq_read_vs_passthrough", "attr_scan_vs_tmpfs"]
+    want = ["seq_write_vs_passthrough", "seq_read_vs_passthrough", "attr_scan_vs_tmpfs",
+            "attr_scan_vs_treefs"]
     if "fio" not in skipped:
         want += ["rand4k_qd1_read_vs_passthrough", "rand4k_qd1_write_vs_passthrough",
                  "rand4k_qd16_read_vs_passthrough"]
@@ -46,6 +47,8 @@ def test_quick_bench_reports_ratios(tmp_path: Path) -> None:
         w["vbusfs"]["median"] / w["passthrough"]["median"], rel=1e-2)
     assert doc["mount_100_s"] > 0 and doc["rss_100_mib"] > 0
     assert doc["attr_scan"]["files"] > 1000       # 100 devices' attributes were scanned
+    for target in ("vbusfs", "treefs", "tmpfs"):
+        assert len(doc["attr_scan"][f"scan_{target}_s"]) == doc["runs"]
     assert set(doc["targets_met"]) >= {"seq_read_vs_passthrough", "attr_scan_vs_tmpfs"}
     assert "vbusfs" in doc["table"] and "targets:" in doc["table"]
     # every mount it made is gone

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import sys
 
 import pyfuse3
 import trio
+from fuse_serve import serve
 
 FILE_INO = pyfuse3.ROOT_INODE + 1
 NAME = b"disk"
@@ -97,15 +97,6 @@ class Passthrough(pyfuse3.Operations):
         await trio.to_thread.run_sync(os.fdatasync, self.fd)
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pyfuse3.main)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-            async for _ in sigs:
-                break
-        nursery.cancel_scope.cancel()
-
-
 def main(argv: list[str]) -> int:
     inline = argv[:1] == ["--inline-reads"]
     if inline:
@@ -115,13 +106,7 @@ def main(argv: list[str]) -> int:
         return 2
     image, mountpoint = argv
     ops = Passthrough(image, inline)
-    opts = set(pyfuse3.default_options) | {"fsname=passthrough", "allow_other"}
-    pyfuse3.init(ops, mountpoint, opts)
-    try:
-        trio.run(_serve)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return serve(ops, mountpoint, "passthrough")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import sys
 from dataclasses import dataclass, field
 
 import pyfuse3
-import trio
+from fuse_serve import serve
 
 
 @dataclass
@@ -145,28 +144,13 @@ class TreeFS(pyfuse3.Operations):
         return self.entries[fh].data[off:off + size]
 
 
-async def _serve() -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pyfuse3.main)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
-            async for _ in sigs:
-                break
-        nursery.cancel_scope.cancel()
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: treefs.py SOURCE MOUNTDIR", file=sys.stderr)
         return 2
     source, mountpoint = argv
     ops = TreeFS(load(source))
-    opts = set(pyfuse3.default_options) | {"fsname=treefs", "allow_other"}
-    pyfuse3.init(ops, mountpoint, opts)
-    try:
-        trio.run(_serve)
-    finally:
-        pyfuse3.close(unmount=True)
-    return 0
+    return serve(ops, mountpoint, "treefs")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,20 @@ async def test_close_waits_for_queued_jobs_then_still_reports_them_and_leaks_no_
     for _ in range(5):
         await trio.sleep(0)
     assert open_fds() == before
+
+
+async def test_a_worker_started_again_after_close_keeps_its_jobs_apart() -> None:
+    before = open_fds()
+    worker = IoWorker("t")
+    got: list[int] = []
+    assert await worker.run(int, "1") == 1
+    worker.submit(time.sleep, (0.1,), lambda r: got.append(1))
+    worker.close()
+    worker.submit(int, ("2",), lambda r: got.append(r.unwrap()))
+    with trio.fail_after(10):
+        assert await worker.run(int, "3") == 3
+    worker.close()
+    for _ in range(5):
+        await trio.sleep(0)
+    assert got == [1, 2]
+    assert open_fds() == before

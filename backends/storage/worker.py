@@ -39,23 +39,31 @@ class IoWorker:
     def __init__(self, name: str) -> None:
         self.name = name
         self._jobs: collections.deque[_Job | None] = collections.deque()
-        self._done: collections.deque[tuple[_Report, outcome.Outcome[Any]] | None] = \
-            collections.deque()
         self._thread: threading.Thread | None = None
         self._kick = -1          # eventfd the thread sleeps on (blocking)
         self._bell = -1          # eventfd trio waits on (non-blocking)
         self._orphan = False     # the reaper was cancelled with the thread still running
 
     def _start(self) -> None:
+        """A thread, its two eventfds and a reaper; each start gets its own queues, so a
+        worker started again after :meth:`close` never mixes with the old thread's."""
+        self._jobs = collections.deque()
+        done: collections.deque[tuple[_Report, outcome.Outcome[Any]] | None] = \
+            collections.deque()
         self._kick = os.eventfd(0, os.EFD_CLOEXEC)
         self._bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        trio.lowlevel.spawn_system_task(self._reap, self._bell, name=f"{self.name} reaper")
-        self._thread = threading.Thread(target=self._loop, args=(self._kick, self._bell),
+        self._orphan = False
+        self._thread = threading.Thread(target=self._loop,
+                                        args=(self._jobs, done, self._kick, self._bell),
                                         name=self.name, daemon=True)
+        trio.lowlevel.spawn_system_task(self._reap, self._thread, self._bell, done,
+                                        name=f"{self.name} reaper")
         self._thread.start()
 
-    def _loop(self, kick: int, bell: int) -> None:
-        jobs, done = self._jobs, self._done
+    @staticmethod
+    def _loop(jobs: collections.deque[_Job | None],
+              done: collections.deque[tuple[_Report, outcome.Outcome[Any]] | None],
+              kick: int, bell: int) -> None:
         while True:
             os.eventfd_read(kick)
             while jobs:
@@ -68,8 +76,8 @@ class IoWorker:
                 done.append((report, outcome.capture(fn, *args)))
                 os.eventfd_write(bell, 1)
 
-    async def _reap(self, bell: int) -> None:
-        done = self._done
+    async def _reap(self, thread: threading.Thread, bell: int,
+                    done: collections.deque[tuple[_Report, outcome.Outcome[Any]] | None]) -> None:
         try:
             while True:
                 await trio.lowlevel.wait_readable(bell)
@@ -89,7 +97,7 @@ class IoWorker:
         finally:
             # The thread writes to ``bell`` until it has left, so the fd may only close
             # once it has (else a write could land in whatever file reuses the number).
-            if self._thread is None:
+            if self._thread is not thread:   # close() has joined it
                 trio.lowlevel.notify_closing(bell)
                 os.close(bell)
             else:
@@ -129,3 +137,4 @@ class IoWorker:
             self._kick = -1
             if self._orphan:
                 os.close(self._bell)
+            self._bell = -1

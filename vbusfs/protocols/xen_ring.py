@@ -54,11 +54,17 @@ class _Ring:
         self.size = ring_size(len(view), slot)
         self._hdr = view[:16].cast("I")
 
-    def _get(self, off: int) -> int:
-        return self._hdr[off >> 2]
-
     def _set(self, off: int, value: int) -> None:
         self._hdr[off >> 2] = value & MASK32
+
+    def _push(self, prod: int, new: int) -> bool:
+        """Publish ``new`` in the producer word at byte ``prod`` and say whether to notify:
+        iff the event word after it lies in (old, new], modulo 2**32
+        (``RING_PUSH_*_AND_CHECK_NOTIFY``)."""
+        hdr, w = self._hdr, prod >> 2
+        old = hdr[w]
+        hdr[w] = new
+        return (new - hdr[w + 1]) & MASK32 < (new - old) & MASK32
 
     def slot_offset(self, index: int) -> int:
         return SRING_HEADER + (index & (self.size - 1)) * self.slot
@@ -99,11 +105,7 @@ class FrontRing(_Ring):
 
     def push_requests_and_check_notify(self) -> bool:
         """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
-        hdr = self._hdr
-        old, new = hdr[0], self.req_prod_pvt
-        hdr[0] = new
-        # notify iff req_event lies in (old, new], modulo 2**32
-        return (new - hdr[1]) & MASK32 < (new - old) & MASK32
+        return self._push(REQ_PROD, self.req_prod_pvt)
 
     def unconsumed_responses(self) -> int:
         return idx(self.rsp_prod - self.rsp_cons)
@@ -138,11 +140,7 @@ class BackRing(_Ring):
         return idx(prod - self.rsp_prod_pvt) > self.size
 
     def push_responses_and_check_notify(self) -> bool:
-        hdr = self._hdr
-        old, new = hdr[2], self.rsp_prod_pvt
-        hdr[2] = new
-        # notify iff rsp_event lies in (old, new], modulo 2**32
-        return (new - hdr[3]) & MASK32 < (new - old) & MASK32
+        return self._push(RSP_PROD, self.rsp_prod_pvt)
 
     def final_check_for_requests(self) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``: arm ``req_event`` and re-check."""

@@ -8,7 +8,7 @@ from backends.vmbus.devices import IC_SERVICES, DeviceModel, IcDevice, IdleDevic
 from backends.vmbus.host import ChannelSpec
 from backends.xen.blkback import VbdSpec
 from vbusfs.config import Config
-from vbusfs.protocols import vmbus as m
+from vbusfs.protocols.vmbus import messages as m
 
 __all__ = ["VMBUS_MODELS", "vmbus_channel_specs", "xen_vbd_specs"]
 

@@ -305,8 +305,8 @@ _STATE = {0: "offer", 1: "opening", 2: "offered", 3: "opened"}
 
 
 def _vmbus_type(class_id: str) -> str:
-    from vbusfs.protocols import vmbus as m
     from vbusfs.protocols.guid import parse_guid
+    from vbusfs.protocols.vmbus import messages as m
     try:
         cls = m.class_by_guid(parse_guid(class_id))
     except ValueError:
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s"
                         if debug else "vbusfs: %(levelname)s: %(message)s")
     if not debug:
-        logging.getLogger("vbusfs.drivers.hv_utils").setLevel(logging.WARNING)
+        logging.getLogger("vbusfs.drivers.vmbus.hv_utils").setLevel(logging.WARNING)
         logging.getLogger("backends").setLevel(logging.WARNING)
     handler = {Verb.UP: _up, Verb.DOWN: _down, Verb.STATUS: _status,
                Verb.DISCARD: _discard}[Verb(args.verb)]

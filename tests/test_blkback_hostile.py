@@ -18,13 +18,13 @@ import trio
 from backends.xen.blkback import Blkback, VbdSpec
 from backends.xen.toolstack import Toolstack
 from backends.xen.xenstore import Store
-from vbusfs.platform.event_channel import EventChannels
-from vbusfs.platform.grant_table import GrantTable
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.protocols import blkif
-from vbusfs.protocols.blkif import Op, Status
-from vbusfs.protocols.xen_ring import FrontRing, sring_init
-from vbusfs.protocols.xenbus import State, parse_vdev
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.grant_table import GrantTable
+from vbusfs.protocols.xen import blkif
+from vbusfs.protocols.xen.blkif import Op, Status
+from vbusfs.protocols.xen.ring import FrontRing, sring_init
+from vbusfs.protocols.xen.xenbus import State, parse_vdev
 
 DISK_SECTORS = 2048           # 1 MiB image
 ERRORS = {Status.ERROR, Status.EOPNOTSUPP}

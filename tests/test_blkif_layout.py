@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from vbusfs.platform import grant_table as gt
-from vbusfs.protocols import blkif
-from vbusfs.protocols import xenstore as xs
-from vbusfs.protocols.xen_ring import ring_size
-from vbusfs.protocols.xenbus import State
+from vbusfs.platform.xen import grant_table as gt
+from vbusfs.protocols.xen import blkif
+from vbusfs.protocols.xen import xenstore as xs
+from vbusfs.protocols.xen.ring import ring_size
+from vbusfs.protocols.xen.xenbus import State
 
 HEADER = Path("/usr/include/xen/io/blkif.h")
 

@@ -16,9 +16,9 @@ import trio
 from backends.xen.blkback import Blkback
 from tests.xen_rig import xen_machine
 from vbusfs.block.engine import CmdOp, Command, Engine
-from vbusfs.drivers import blkfront
+from vbusfs.drivers.xen import blkfront
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.protocols.blkif import Op
+from vbusfs.protocols.xen.blkif import Op
 
 
 def _record_ops(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from vbusfs.config import ConfigError, derive_guid, load, load_default, parse_size
-from vbusfs.protocols import vmbus as m
+from vbusfs.protocols.vmbus import messages as m
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import trio
 
 from vbusfs.platform.doorbell import Doorbell
-from vbusfs.protocols import blkif
+from vbusfs.protocols.xen import blkif
 
 
 def test_pack_segments_matches_the_struct_layout() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from vbusfs.platform import grant_table as gt
-from vbusfs.platform.grant_table import GrantError, GrantTable
 from vbusfs.platform.memory import GuestMemory
+from vbusfs.platform.xen import grant_table as gt
+from vbusfs.platform.xen.grant_table import GrantError, GrantTable
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import uuid
 import pytest
 
 from vbusfs.protocols.guid import guid_braced, guid_modalias_hex, guid_text, parse_guid
-from vbusfs.protocols.vmbus import DEVICE_CLASSES, class_by_type
+from vbusfs.protocols.vmbus.messages import DEVICE_CLASSES, class_by_type
 
 # (class_id as printed, modalias) copied from reference/sysfs.md table 1.5
 REFERENCE = [

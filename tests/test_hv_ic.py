@@ -2,8 +2,8 @@
 
 import struct
 
-from vbusfs.drivers.hv_utils import UtilService
-from vbusfs.protocols import hv_ic
+from vbusfs.drivers.vmbus.hv_utils import UtilService
+from vbusfs.protocols.vmbus import hv_ic
 
 # host→guest heartbeat negotiation, 52 bytes, from the reference (hex offsets there)
 HOST_REQ = bytes.fromhex(

@@ -16,11 +16,11 @@ import trio.testing
 
 from backends.vmbus.devices import IcDevice, IdleDevice
 from backends.vmbus.host import ChannelSpec, VmbusHost
-from vbusfs.drivers.vmbus import VmbusBus
-from vbusfs.drivers.vmbus_channel import OpenError
+from vbusfs.drivers.vmbus.bus import VmbusBus
+from vbusfs.drivers.vmbus.channel import OpenError
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.platform.synic import PostedMessage, Synic
-from vbusfs.protocols import vmbus as m
+from vbusfs.platform.vmbus.synic import PostedMessage, Synic
+from vbusfs.protocols.vmbus import messages as m
 from vbusfs.sysfs import Attribute, Directory, Symlink, Tree
 
 HB = uuid.UUID("57164f39-9115-4e78-ab55-382f3bd5422d")

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from vbusfs.protocols import vmbus as m
+from vbusfs.protocols.vmbus import messages as m
 
 NIC = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")
 INST = uuid.UUID("58f75a6d-d949-4320-99e1-a2a2576d581c")

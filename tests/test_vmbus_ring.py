@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from vbusfs.protocols.vmbus_ring import PAGE_SIZE, Ring, RingError, init_ring
+from vbusfs.protocols.vmbus.ring import PAGE_SIZE, Ring, RingError, init_ring
 
 
 def make(pages: int = 2) -> tuple[memoryview, Ring, Ring]:

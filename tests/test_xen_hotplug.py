@@ -11,7 +11,7 @@ import trio
 
 from backends.xen.blkback import Blkback
 from tests.xen_rig import xen_machine
-from vbusfs.protocols.xenbus import State, parse_vdev
+from vbusfs.protocols.xen.xenbus import State, parse_vdev
 
 
 async def test_attach_then_detach(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vbusfs.protocols.xen_ring import BackRing, FrontRing, idx, ring_size, sring_init
+from vbusfs.protocols.xen.ring import BackRing, FrontRing, idx, ring_size, sring_init
 
 SLOT = 112
 

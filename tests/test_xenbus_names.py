@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vbusfs.protocols.xenbus import disk_name, parse_vdev, strstate
+from vbusfs.protocols.xen.xenbus import disk_name, parse_vdev, strstate
 
 # reference/sysfs.md §2.5: xenstore vdev, name, dev (major:minor)
 VDEV_TABLE = [

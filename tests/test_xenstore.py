@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from backends.xen.xenstore import Store, XenstoreDaemon
-from vbusfs.drivers.xenstore_client import XenstoreClient
-from vbusfs.platform.event_channel import EventChannels
+from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.protocols import xenstore as xs
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.protocols.xen import xenstore as xs
 
 
 def test_watch_fires_on_register_and_for_subtree() -> None:

@@ -14,7 +14,7 @@ import trio
 
 from vbusfs.block.gendisk import Disk
 from vbusfs.config import parse
-from vbusfs.drivers.blkfront import Blkfront
+from vbusfs.drivers.xen.blkfront import Blkfront
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.service import XenMachine
 from vbusfs.sysfs import Tree

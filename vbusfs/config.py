@@ -17,9 +17,9 @@ from typing import Any
 
 import blake3
 
-from vbusfs.protocols import vmbus as m
 from vbusfs.protocols.guid import parse_guid
-from vbusfs.protocols.xenbus import Vdev, parse_vdev
+from vbusfs.protocols.vmbus import messages as m
+from vbusfs.protocols.xen.xenbus import Vdev, parse_vdev
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "XenConfig",
            "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse", "DEFAULT_CONFIG",

@@ -27,17 +27,17 @@ from backends.xen.toolstack import Toolstack, version_info
 from backends.xen.xenstore import Store, XenstoreDaemon
 from vbusfs import __version__
 from vbusfs.config import Config
-from vbusfs.drivers.blkfront import BlkfrontEnv, blkfront_driver
-from vbusfs.drivers.sys_hypervisor import add_sys_hypervisor
-from vbusfs.drivers.vmbus import VmbusBus
-from vbusfs.drivers.xenbus import XenBus
-from vbusfs.drivers.xenstore_client import XenstoreClient
-from vbusfs.drivers.xenstore_view import XenstoreView
+from vbusfs.drivers.vmbus.bus import VmbusBus
+from vbusfs.drivers.xen.blkfront import BlkfrontEnv, blkfront_driver
+from vbusfs.drivers.xen.sys_hypervisor import add_sys_hypervisor
+from vbusfs.drivers.xen.xenbus import XenBus
+from vbusfs.drivers.xen.xenstore_client import XenstoreClient
+from vbusfs.drivers.xen.xenstore_view import XenstoreView
 from vbusfs.fs import VbusFS
-from vbusfs.platform.event_channel import EventChannels
-from vbusfs.platform.grant_table import GrantTable
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.platform.synic import Synic
+from vbusfs.platform.vmbus.synic import Synic
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.grant_table import GrantTable
 from vbusfs.sysfs import Attribute, Directory, Tree
 
 log = logging.getLogger(__name__)

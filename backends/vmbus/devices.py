@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vbusfs.protocols import hv_ic
-from vbusfs.protocols.vmbus_ring import COMPLETION_REQUESTED, Packet, PacketType
+from vbusfs.protocols.vmbus import hv_ic
+from vbusfs.protocols.vmbus.ring import COMPLETION_REQUESTED, Packet, PacketType
 
 if TYPE_CHECKING:
     from backends.vmbus.host import HostChannel

@@ -1,6 +1,6 @@
 """The Hyper-V side of VMBus: version negotiation, offers, GPADLs, open/close, rescind.
 
-Guest messages arrive through :class:`vbusfs.platform.synic.Synic`; each is dispatched
+Guest messages arrive through :class:`vbusfs.platform.vmbus.synic.Synic`; each is dispatched
 through a table that states the message's minimum length, checked before the handler runs.
 Everything in a guest message is untrusted: unknown relids, reused GPADL handles, PFNs
 outside guest memory, impossible ring splits are answered with an error status (or dropped
@@ -19,10 +19,10 @@ import trio
 from backends.vmbus.devices import DeviceModel
 from vbusfs.platform.doorbell import Doorbell
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory, MemoryError_
-from vbusfs.platform.ring_endpoint import RingEndpoint
-from vbusfs.platform.synic import PostedMessage, Synic
-from vbusfs.protocols import vmbus as m
-from vbusfs.protocols.vmbus_ring import Packet, Ring, RingError
+from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
+from vbusfs.platform.vmbus.synic import PostedMessage, Synic
+from vbusfs.protocols.vmbus import messages as m
+from vbusfs.protocols.vmbus.ring import Packet, Ring, RingError
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ import trio
 from backends.storage.raw import RawImage
 from backends.storage.worker import IoWorker
 from backends.xen.xenstore import Store
-from vbusfs.platform.event_channel import EventChannels
-from vbusfs.platform.grant_table import GrantError, GrantTable
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
-from vbusfs.protocols import blkif
-from vbusfs.protocols.blkif import Op, Status
-from vbusfs.protocols.xen_ring import BackRing
-from vbusfs.protocols.xenbus import PROTOCOL_NATIVE, State, Vdev
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.grant_table import GrantError, GrantTable
+from vbusfs.protocols.xen import blkif
+from vbusfs.protocols.xen.blkif import Op, Status
+from vbusfs.protocols.xen.ring import BackRing
+from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, State, Vdev
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import trio
 
 from backends.xen.blkback import VbdSpec
 from backends.xen.xenstore import Store, domain_path
-from vbusfs.platform.hypercall import XenVersionInfo
-from vbusfs.protocols.xenbus import State
+from vbusfs.platform.xen.hypercall import XenVersionInfo
+from vbusfs.protocols.xen.xenbus import State
 
 __all__ = ["Toolstack", "version_info"]
 

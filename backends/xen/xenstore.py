@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vbusfs.platform.event_channel import EventChannels
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.platform.xs_ring import RingIndexError, request_ring, response_ring
-from vbusfs.protocols import xenstore as xs
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.xs_ring import RingIndexError, request_ring, response_ring
+from vbusfs.protocols.xen import xenstore as xs
 
 log = logging.getLogger(__name__)
 

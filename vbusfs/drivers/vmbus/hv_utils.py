@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import struct
 
-from vbusfs.platform.ring_endpoint import RingEndpoint
-from vbusfs.protocols import hv_ic
-from vbusfs.protocols.vmbus_ring import PacketType
+from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
+from vbusfs.protocols.vmbus import hv_ic
+from vbusfs.protocols.vmbus.ring import PacketType
 
 log = logging.getLogger(__name__)
 

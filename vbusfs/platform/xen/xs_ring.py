@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from vbusfs.protocols import xenstore as xs
+from vbusfs.protocols.xen import xenstore as xs
 
 __all__ = ["ByteRing", "RingIndexError", "request_ring", "response_ring"]
 

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 from vbusfs.platform.doorbell import Doorbell
 from vbusfs.platform.memory import PAGE_SIZE
-from vbusfs.platform.ring_endpoint import RingEndpoint
-from vbusfs.protocols import vmbus as m
-from vbusfs.protocols.vmbus_ring import Ring, init_ring
+from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
+from vbusfs.protocols.vmbus import messages as m
+from vbusfs.protocols.vmbus.ring import Ring, init_ring
 
 if TYPE_CHECKING:
-    from vbusfs.drivers.vmbus import VmbusBus
+    from vbusfs.drivers.vmbus.bus import VmbusBus
 
 __all__ = ["ChannelState", "GuestChannel", "OpenError"]
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from vbusfs.platform.hypercall import XenVersionInfo
+from vbusfs.platform.xen.hypercall import XenVersionInfo
 from vbusfs.sysfs import Attribute, Tree
 
 __all__ = ["add_sys_hypervisor"]

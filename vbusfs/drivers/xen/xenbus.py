@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from vbusfs.drivers.xenstore_client import XenstoreClient
-from vbusfs.platform.event_channel import EventChannels
-from vbusfs.protocols.xenbus import State, strstate
+from vbusfs.drivers.xen.xenstore_client import XenstoreClient
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.protocols.xen.xenbus import State, strstate
 from vbusfs.sysfs import Attr, Attribute, Directory, Group, Tree, add_group
 from vbusfs.sysfs.driver_core import Bus
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import trio
 
-from vbusfs.drivers.xenstore_client import XenstoreClient
+from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.sysfs import Attribute, Directory, Node, Tree
 
 __all__ = ["XenstoreView"]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import trio
 
 from vbusfs.platform.doorbell import Doorbell
-from vbusfs.protocols.vmbus_ring import Packet, Ring, RingError
+from vbusfs.protocols.vmbus.ring import Packet, Ring, RingError
 
 __all__ = ["RingEndpoint", "ChannelBroken"]
 

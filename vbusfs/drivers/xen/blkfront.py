@@ -28,15 +28,15 @@ import trio
 
 from vbusfs.block.engine import CmdOp, Command, Engine
 from vbusfs.block.gendisk import Disk, QueueLimits, add_disk, del_disk
-from vbusfs.drivers.xenbus import XenbusDevice
-from vbusfs.drivers.xenstore_client import XenstoreClient
-from vbusfs.platform.event_channel import EventChannels
-from vbusfs.platform.grant_table import GrantTable
+from vbusfs.drivers.xen.xenbus import XenbusDevice
+from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
-from vbusfs.protocols import blkif
-from vbusfs.protocols.blkif import Op
-from vbusfs.protocols.xen_ring import FrontRing, sring_init
-from vbusfs.protocols.xenbus import PROTOCOL_NATIVE, XENVBD_MAJOR, State, parse_vdev
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.grant_table import GrantTable
+from vbusfs.protocols.xen import blkif
+from vbusfs.protocols.xen.blkif import Op
+from vbusfs.protocols.xen.ring import FrontRing, sring_init
+from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, XENVBD_MAJOR, State, parse_vdev
 from vbusfs.sysfs import Directory, Tree
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from vbusfs.platform.event_channel import EventChannels
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.platform.xs_ring import request_ring, response_ring
-from vbusfs.protocols import xenstore as xs
+from vbusfs.platform.xen.event_channel import EventChannels
+from vbusfs.platform.xen.xs_ring import request_ring, response_ring
+from vbusfs.protocols.xen import xenstore as xs
 
 __all__ = ["XenstoreClient", "XsTransaction"]
 

@@ -4,7 +4,7 @@ A message is a 16-byte ``xsd_sockmsg`` header (type, req_id, tx_id, len) followe
 bytes of payload, at most 4096, usually NUL-terminated strings. Errors travel as the errno
 *name* (``"ENOENT\\0"``). A domain reaches xenstored through one shared page, the
 ``xenstore_domain_interface``: a 1024-byte request ring, a 1024-byte response ring, then the
-four free-running u32 indices; see :mod:`vbusfs.platform.xs_ring`.
+four free-running u32 indices; see :mod:`vbusfs.platform.xen.xs_ring`.
 """
 
 from __future__ import annotations

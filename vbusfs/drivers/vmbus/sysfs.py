@@ -11,14 +11,14 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from vbusfs.protocols import vmbus as m
 from vbusfs.protocols.guid import guid_braced, guid_modalias_hex, parse_guid
-from vbusfs.protocols.vmbus_ring import Ring
+from vbusfs.protocols.vmbus import messages as m
+from vbusfs.protocols.vmbus.ring import Ring
 from vbusfs.sysfs import Attr, Attribute, Group, add_group
 from vbusfs.sysfs.nodes import ATTR_SIZE
 
 if TYPE_CHECKING:
-    from vbusfs.drivers.vmbus import VmbusBus, VmbusDevice
+    from vbusfs.drivers.vmbus.bus import VmbusBus, VmbusDevice
 
 __all__ = ["add_bus_files", "add_device_files", "uevent", "DEVICE_GROUP", "CHANNEL_GROUP"]
 

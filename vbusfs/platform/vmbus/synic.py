@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from vbusfs.platform.doorbell import Doorbell
-from vbusfs.protocols.vmbus import MAX_MESSAGE_SIZE
+from vbusfs.protocols.vmbus.messages import MAX_MESSAGE_SIZE
 
 __all__ = ["HvStatus", "Synic", "PostedMessage"]
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 
 import trio
 
-from vbusfs.drivers import vmbus_sysfs
-from vbusfs.drivers.hv_utils import SERVICE_VERSIONS, UtilService
-from vbusfs.drivers.vmbus_channel import ChannelState, GuestChannel, OpenError
+from vbusfs.drivers.vmbus import sysfs as vmbus_sysfs
+from vbusfs.drivers.vmbus.channel import ChannelState, GuestChannel, OpenError
+from vbusfs.drivers.vmbus.hv_utils import SERVICE_VERSIONS, UtilService
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
-from vbusfs.platform.ring_endpoint import ChannelBroken, RingEndpoint
-from vbusfs.platform.synic import HvStatus, Synic
-from vbusfs.protocols import vmbus as m
+from vbusfs.platform.vmbus.ring_endpoint import ChannelBroken, RingEndpoint
+from vbusfs.platform.vmbus.synic import HvStatus, Synic
 from vbusfs.protocols.guid import guid_text
+from vbusfs.protocols.vmbus import messages as m
 from vbusfs.sysfs import Directory, Tree
 from vbusfs.sysfs.driver_core import Bus
 

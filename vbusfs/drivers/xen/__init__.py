@@ -1,0 +1,1 @@
+"""The guest's Xen drivers: xenstore client, xenbus, blkfront, xenstore view, /sys/hypervisor."""

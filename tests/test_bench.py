@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, mount_unavailable
+from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(mount_unavailable() is not None,
-                                reason=mount_unavailable() or "")
+pytestmark = pytest.mark.mount
 
 
 def test_quick_bench_reports_ratios(tmp_path: Path) -> None:

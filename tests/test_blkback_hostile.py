@@ -18,6 +18,7 @@ import trio
 from backends.xen.blkback import Blkback, VbdSpec
 from backends.xen.toolstack import Toolstack
 from backends.xen.xenstore import Store
+from tests.conftest import Logs
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantTable
@@ -176,7 +177,8 @@ async def test_ten_thousand_malformed_requests(tmp_path: Path) -> None:
     assert f.image.stat().st_size == DISK_SECTORS * 512
 
 
-async def test_overproducing_frontend_halts_the_ring(tmp_path: Path) -> None:
+async def test_overproducing_frontend_halts_the_ring(tmp_path: Path, logs: Logs) -> None:
+    logs.expect(r"frontend produced 37 requests on a 32-entry ring; ring processing halted")
     f = FakeFront(tmp_path, frozenset({"flush"}))
     async with trio.open_nursery() as n:
         await f.attach(n)

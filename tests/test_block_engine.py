@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from backends.xen.blkback import Blkback
+from tests.conftest import Logs
 from tests.xen_rig import xen_machine
 from vbusfs.block.engine import CmdOp, Command, Engine
 from vbusfs.drivers.xen import blkfront
@@ -230,7 +231,8 @@ class FakeTransport:
     def push(self) -> None: ...
 
 
-async def test_out_of_order_completion() -> None:
+async def test_out_of_order_completion(logs: Logs) -> None:
+    logs.expect(r"response for command (999|0), which is not in flight")
     mem = GuestMemory(16 << 20)
     t = FakeTransport()
     eng = Engine(mem, t, nr_commands=16, pool_pages=64)

@@ -3,8 +3,11 @@ direct doorbell handlers (no lost or doubled notifications)."""
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
+from tests.conftest import Logs
 from vbusfs.platform.doorbell import Doorbell
 from vbusfs.protocols.xen import blkif
 
@@ -52,7 +55,9 @@ async def test_direct_handler_runs_in_the_ringing_task_and_reruns_for_nested_rin
     assert not bell.pending       # handled: nothing left for the task
 
 
-async def test_a_handler_that_declines_or_fails_leaves_the_event_for_the_task() -> None:
+async def test_a_handler_that_declines_or_fails_leaves_the_event_for_the_task(logs: Logs
+                                                                             ) -> None:
+    logs.expect(r"^t: direct handler failed", logging.ERROR)
     bell = Doorbell("t")
     bell.handler = lambda: False
     bell.ring()

@@ -1,11 +1,13 @@
 """The FUSE adapter's handlers called directly (no mount): errno mapping and file semantics."""
 
 import errno
+import logging
 import os
 
 import pyfuse3
 import pytest
 
+from tests.conftest import Logs
 from vbusfs.fs import VbusFS
 from vbusfs.sysfs import Attribute, Tree
 
@@ -74,7 +76,8 @@ async def test_write_rules() -> None:
     assert await fs.write(fi.fh, 0, b"b\n") == 2 and state["v"] == "b"
 
 
-async def test_show_errors_reach_read_and_bugs_become_eio() -> None:
+async def test_show_errors_reach_read_and_bugs_become_eio(logs: Logs) -> None:
+    logs.expect(r"/sys/x/boom: show failed", logging.ERROR)
     fs, _, _ = build()
     gone = await lookup(fs, "sys/x/gone")
     fi = await fs.open(gone.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 import struct
 
+from tests.conftest import Logs
 from vbusfs.drivers.vmbus.hv_utils import UtilService
 from vbusfs.protocols.vmbus import hv_ic
 
@@ -47,5 +48,6 @@ def test_heartbeat_adds_one() -> None:
     assert reply[25] == 0x05 and len(reply) == len(req)
 
 
-def test_truncated_ic_packet_dropped() -> None:
+def test_truncated_ic_packet_dropped(logs: Logs) -> None:
+    logs.expect(r"heartbeat: IC packet of 2 bytes dropped")
     assert UtilService("heartbeat").answer(b"\x01\x00") is None

@@ -3,6 +3,7 @@ delivered rather than lost, and a close that waits for queued work and leaks not
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -11,6 +12,7 @@ import outcome
 import trio
 
 from backends.storage.worker import IoWorker
+from tests.conftest import Logs
 
 
 def open_fds() -> int:
@@ -43,7 +45,9 @@ async def test_jobs_run_in_order_on_the_thread_and_report_in_order_on_trio() -> 
     assert reported == [(i, trio_thread, i * i) for i in range(50)]
 
 
-async def test_an_error_comes_back_to_the_caller_and_a_failing_report_stops_nothing() -> None:
+async def test_an_error_comes_back_to_the_caller_and_a_failing_report_stops_nothing(
+        logs: Logs) -> None:
+    logs.expect(r"^t: completion failed", logging.ERROR)
     worker = IoWorker("t")
 
     def fail() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from tests.conftest import Mounted, mount_unavailable, mountctl
+from tests.conftest import Mounted, mountctl
 
 GiB = 1 << 30
 
@@ -239,14 +239,8 @@ def _up(cfg: Path, mp: Path, env: dict[str, str]) -> None:
     mountctl("up", "-d", "-c", str(cfg), str(mp), env=env, check=True)
 
 
-@pytest.fixture
-def can_mount() -> None:
-    why = mount_unavailable()
-    if why:
-        pytest.skip(why)
-
-
-def test_disk_survives_remount(can_mount: None, tmp_path: Path,
+@pytest.mark.mount
+def test_disk_survives_remount(tmp_path: Path,
                                state_env: dict[str, str]) -> None:
     cfg, mp = _config(tmp_path), tmp_path / "m"
     _up(cfg, mp, state_env)
@@ -264,7 +258,8 @@ def test_disk_survives_remount(can_mount: None, tmp_path: Path,
         mountctl("down", str(mp), env=state_env)
 
 
-def test_readonly_disk_and_4k_sectors(can_mount: None, tmp_path: Path,
+@pytest.mark.mount
+def test_readonly_disk_and_4k_sectors(tmp_path: Path,
                                       state_env: dict[str, str]) -> None:
     (tmp_path / "state").mkdir()
     ro = tmp_path / "state/ro.img"
@@ -297,7 +292,8 @@ readonly = true
     assert ro.read_bytes() == b"R" * (1 << 20)
 
 
-def test_bad_disk_configs_are_refused(can_mount: None, tmp_path: Path,
+@pytest.mark.mount
+def test_bad_disk_configs_are_refused(tmp_path: Path,
                                       state_env: dict[str, str]) -> None:
     mp = tmp_path / "m"
     mp.mkdir()

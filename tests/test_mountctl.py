@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 
 from mountctl.mounts import mount_fstype
-from tests.conftest import ROOT, mount_unavailable, mountctl
-
-needs_mount = pytest.mark.skipif(mount_unavailable() is not None,
-                                 reason=str(mount_unavailable()))
+from tests.conftest import ROOT, mountctl
 
 
 def test_help_on_every_verb() -> None:
@@ -57,7 +54,7 @@ def test_down_refuses_what_is_not_vbusfs(tmp_path: Path) -> None:
     assert out.returncode == 2 and "not a vbusfs mount (it is proc)" in out.stderr
 
 
-@needs_mount
+@pytest.mark.mount
 def test_refuses_already_mounted(tmp_path: Path, state_env: dict[str, str]) -> None:
     mnt = tmp_path / "m"
     mnt.mkdir()
@@ -70,7 +67,7 @@ def test_refuses_already_mounted(tmp_path: Path, state_env: dict[str, str]) -> N
     assert mount_fstype(str(mnt)) is None
 
 
-@needs_mount
+@pytest.mark.mount
 def test_foreground_ctrl_c_unmounts(tmp_path: Path, state_env: dict[str, str]) -> None:
     mnt = tmp_path / "m"
     mnt.mkdir()
@@ -86,7 +83,7 @@ def test_foreground_ctrl_c_unmounts(tmp_path: Path, state_env: dict[str, str]) -
     assert mount_fstype(str(mnt)) is None and list(mnt.iterdir()) == []
 
 
-@needs_mount
+@pytest.mark.mount
 @pytest.mark.skipif(shutil.which("mount") is None, reason="util-linux mount not installed")
 def test_mount_t_vbusfs(tmp_path: Path, state_env: dict[str, str]) -> None:
     helper = Path(sys.executable).parent / "mount.vbusfs"

@@ -16,6 +16,7 @@ import trio.testing
 
 from backends.vmbus.devices import IcDevice, IdleDevice
 from backends.vmbus.host import ChannelSpec, VmbusHost
+from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
 from vbusfs.drivers.vmbus.channel import OpenError
 from vbusfs.platform.memory import GuestMemory
@@ -182,7 +183,11 @@ async def test_rescind_removes_device(rig: Rig) -> None:
     assert 2 not in rig.bus.devices
 
 
-async def test_host_refuses_bad_gpadl_and_open(rig: Rig) -> None:
+async def test_host_refuses_bad_gpadl_and_open(rig: Rig, logs: Logs) -> None:
+    logs.expect(r"GPADL 0x[0-9a-f]+ names PFN 0x[0-9a-f]+ outside guest memory")
+    logs.expect(r"GPADL_HEADER refused: unknown relid 99")
+    logs.expect(r"OPENCHANNEL relid 3 refused: GPADL 0xdead is not a created GPADL")
+    logs.expect(r"OPENCHANNEL relid 3 refused: ring split at page 1 of 4")
     with pytest.raises(OpenError):
         await rig.bus.create_gpadl(3, [rig.memory.nr_frames + 5])      # outside memory
     with pytest.raises(OpenError):
@@ -202,7 +207,9 @@ async def test_many_pfns_use_gpadl_body(rig: Rig) -> None:
     assert rig.host._gpadls[handle].pfns == list(range(pfn, pfn + 100))
 
 
-async def test_garbage_messages_never_hurt_the_host(rig: Rig) -> None:
+async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> None:
+    logs.expect(r"^vmbus host: ")       # every dropped message is logged
+    logs.expect(r"^vmbus: ")            # and so is what the guest drops of the answers
     rnd = random.Random(1234)
     # UNLOAD and INITIATE_CONTACT are not garbage: they really reset the connection.
     types = [t.value for t in m.MessageType

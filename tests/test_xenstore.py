@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from backends.xen.xenstore import Store, XenstoreDaemon
+from tests.conftest import Logs
 from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
@@ -113,7 +114,8 @@ async def test_wire_round_trips_relative_paths_and_big_values() -> None:
         n.cancel_scope.cancel()
 
 
-async def test_daemon_survives_garbage_and_reports_protocol_errors() -> None:
+async def test_daemon_survives_garbage_and_reports_protocol_errors(logs: Logs) -> None:
+    logs.expect(r"xenstore: domain 1 broke the protocol \(payload of 5000 bytes\)")
     _, daemon, _, page = await _pair()
     conn = daemon.connections[1]
     # an unknown type gets an error reply, not a crash

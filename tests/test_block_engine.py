@@ -16,7 +16,9 @@ import trio
 from backends.xen.blkback import Blkback
 from tests.conftest import Logs
 from tests.xen_rig import xen_machine
-from vbusfs.block.engine import CmdOp, Command, Engine
+from vbusfs.block.contract import Command, Limits
+from vbusfs.block.contract import Op as BlockOp
+from vbusfs.block.engine import Engine
 from vbusfs.drivers.xen import blkfront
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.protocols.xen.blkif import Op
@@ -82,7 +84,7 @@ async def test_grant_shortage_freezes_and_thaws(tmp_path: Path,
     async with xen_machine(tmp_path, indirect_segments=0, size="4M") as rig:
         assert rig.engine.pool.nr_pages == 12
         model = await _concurrent_writes(rig.disk, 40, 45056, 4 << 20)
-        assert rig.engine.freezes["gnt_shortage"] > 0
+        assert rig.engine.freezes["page_shortage"] > 0
         assert rig.engine.pool.free_pages == 12
         await _verify(rig.disk, model)
 
@@ -209,21 +211,19 @@ async def test_a_grant_the_backend_keeps_is_reported(tmp_path: Path,
 
 class FakeTransport:
     """Records posted commands; the test completes them in any order it likes."""
-    max_segments = 11
-    has_flush = has_barrier = has_discard = True
+    limits = Limits(max_segments=11, max_segment_size=4096, max_transfer=11 * 4096,
+                    discard_granularity=512, flush=True, barrier=True)
 
     def __init__(self) -> None:
         self.posted: list[Command] = []
 
-    def ring_free(self) -> int:
-        return 64
+    def can_post(self, cmd: Command) -> bool:
+        return True
 
-    def extra_pages_for(self, nsegs: int) -> int:
+    def extra_pages_for(self, op: BlockOp, npages: int) -> int:
         return 0
 
-    def map_command(self, cmd: Command) -> None: ...
-
-    def unmap_command(self, cmd: Command) -> None: ...
+    def retire(self, cmd: Command) -> None: ...
 
     def post(self, cmd: Command) -> None:
         self.posted.append(cmd)
@@ -232,7 +232,7 @@ class FakeTransport:
 
 
 async def test_out_of_order_completion(logs: Logs) -> None:
-    logs.expect(r"response for command (999|0), which is not in flight")
+    logs.expect(r"completion for command (999|0), which is not in flight")
     mem = GuestMemory(16 << 20)
     t = FakeTransport()
     eng = Engine(mem, t, nr_commands=16, pool_pages=64)
@@ -251,7 +251,7 @@ async def test_out_of_order_completion(logs: Logs) -> None:
             while len(t.posted) < 10:
                 await trio.sleep(0)
         def answer(cmd: Command) -> None:
-            assert cmd.op == CmdOp.READ
+            assert cmd.op == BlockOp.READ
             mem.view(cmd.pages[0])[:] = bytes([cmd.sector // 8]) * 4096
             eng.complete(cmd.id, 0)
 
@@ -267,7 +267,7 @@ async def test_out_of_order_completion(logs: Logs) -> None:
         eng.complete(999, 0)                     # a bogus id is counted, not fatal
         eng.complete(t.posted[0].id, 0)          # so is a duplicate
     assert sorted(done) == list(range(10))
-    assert eng.bogus_responses == 2 and eng.leaked() == 0 and len(eng.free) == 16
+    assert eng.bogus_completions == 2 and eng.leaked() == 0 and len(eng.free) == 16
 
 
 
@@ -275,7 +275,7 @@ async def test_fail_all_fails_waiters_with_eio_and_frees_everything() -> None:
     mem = GuestMemory(16 << 20)
     t = FakeTransport()
     unmapped: list[int] = []
-    t.unmap_command = lambda cmd: unmapped.append(cmd.id)  # type: ignore[method-assign]
+    t.retire = lambda cmd: unmapped.append(cmd.id)  # type: ignore[method-assign]
     eng = Engine(mem, t, nr_commands=4, pool_pages=64)
     errors: list[int] = []
 

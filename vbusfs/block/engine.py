@@ -1,94 +1,52 @@
 """The blkfront-style command engine, transport-neutral (design.md §1; the seed
-``freebsd-xen-blkfront.c``).
+``freebsd-xen-blkfront.c``). Its contract with transports is :mod:`vbusfs.block.contract`.
 
-* A **shadow table** of commands sized by the ring; a command's index is the request ``id``
-  on the wire, so a response names its command directly.
+* A **shadow table** of commands, one per slot the transport can have in flight; a
+  command's index is its id on the ring, so a completion names its command directly.
 * Commands move FREE → READY → BUSY → COMPLETE → FREE. A caller takes a FREE command and the
   data pages it needs from a bounded page pool, fills the pages (writes), and queues it
-  READY; :meth:`Engine.startio` moves READY commands onto the ring while it has room and
-  the queue is not frozen; the transport's interrupt handler hands responses to
+  READY; :meth:`Engine.startio` moves READY commands onto the ring while the transport has
+  room and the queue is not frozen; the transport's interrupt handler hands completions to
   :meth:`Engine.complete`, which moves the command to COMPLETE and wakes its caller.
-* **Freeze/thaw**: a caller that finds no free command (``CM_SHORTAGE``) or not enough pool
-  pages (``GNT_SHORTAGE``) waits, in arrival order, until a completion frees them. An
+* **Freeze/thaw**: a caller that finds no free command (``cm_shortage``) or not enough pool
+  pages (``page_shortage``) waits, in arrival order, until a completion frees them. An
   *ordered* write on a transport without barriers is single-stepped: it waits until nothing
-  is in flight (``WAIT_IDLE``), goes out alone, and holds back everything behind it until it
+  is in flight (``wait_idle``), goes out alone, and holds back everything behind it until it
   completes (``Q_FREEZE``). With barriers it goes out as a barrier write and nothing waits.
-* Flush uses the transport's flush, else its barrier; a transport with neither is
+* Flush uses the transport's flush, else its barrier; a device with neither is
   write-through, so a flush has nothing to do.
-
-The transport (Xen blkif ring, later virtio or storvsc) encodes a command into its ring and
-decodes responses; it owns grant handling through :meth:`Transport.map_command` and
-:meth:`Transport.unmap_command`.
+* **Sizes** come from the transport's :class:`~vbusfs.block.contract.Limits`: a command
+  carries at most as many pool pages as the segment and transfer limits allow even when no
+  two of its pages are contiguous.
 """
 
 from __future__ import annotations
 
 import collections
-import enum
 import errno
 import logging
+import os
 from collections.abc import Sequence
-from typing import Protocol
 
 import trio
 
+from vbusfs.block.contract import SECTOR, Command, Limits, Op, Queue, Transport
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Command", "CmdOp", "Transport", "PagePool", "Queue"]
-
-SECTOR = 512
+__all__ = ["Engine", "PagePool", "pages_per_command"]
 
 
-class CmdOp(enum.IntEnum):
-    READ = 0
-    WRITE = 1
-    FLUSH = 2
-    DISCARD = 3
-
-
-class Queue(enum.IntEnum):
-    NONE = 0
-    FREE = 1
-    READY = 2
-    BUSY = 3
-    COMPLETE = 4
-
-
-class Command:
-    __slots__ = ("id", "op", "sector", "nsectors", "pages", "extra_pages", "ordered",
-                 "status", "done", "queue", "single_step", "refs", "nbytes", "abandoned")
-
-    def __init__(self, cid: int) -> None:
-        self.id = cid
-        self.op = CmdOp.READ
-        self.sector = 0
-        self.nsectors = 0
-        self.nbytes = 0
-        self.pages: list[int] = []          # data pages (PFNs) in order
-        self.extra_pages: list[int] = []    # transport pages (e.g. indirect segment tables)
-        self.ordered = False
-        self.single_step = False
-        self.status = 0
-        self.done: trio.Event | None = None   # made only when the caller has to wait
-        self.queue = Queue.FREE
-        self.refs: list[int] = []           # transport's grant references for this command
-        self.abandoned = False              # its caller was cancelled while it was BUSY
-
-
-class Transport(Protocol):
-    max_segments: int             # data pages per command
-    has_flush: bool
-    has_barrier: bool
-    has_discard: bool
-
-    def ring_free(self) -> int: ...
-    def extra_pages_for(self, nsegs: int) -> int: ...
-    def map_command(self, cmd: Command) -> None: ...
-    def post(self, cmd: Command) -> None: ...
-    def push(self) -> None: ...
-    def unmap_command(self, cmd: Command) -> None: ...
+def pages_per_command(limits: Limits) -> int:
+    """The most pool pages one command may carry: each page may be its own segment (the pool
+    cannot promise contiguity), a page may need several segments when segments are smaller
+    than a page, and the transfer limit caps the bytes."""
+    segs_per_page = -(-PAGE_SIZE // limits.max_segment_size)
+    n = min(limits.max_segments // segs_per_page, limits.max_transfer // PAGE_SIZE)
+    if n < 1:
+        raise ValueError(f"limits allow less than one page per command: {limits}")
+    return n
 
 
 class PagePool:
@@ -155,28 +113,29 @@ class Engine:
                  pool_pages: int) -> None:
         self.memory = memory
         self.transport = transport
+        self.limits = lim = transport.limits
+        self.max_pages = pages_per_command(lim)
+        #: data bytes one command carries, whole logical blocks
+        self.max_bytes = min(self.max_pages * PAGE_SIZE, lim.max_transfer) // \
+            lim.logical_block_size * lim.logical_block_size
         self.shadow = [Command(i) for i in range(nr_commands)]
         self.free: collections.deque[Command] = collections.deque(self.shadow)
         self.ready: collections.deque[Command] = collections.deque()
         self.busy: dict[int, Command] = {}
         self.complete_q: collections.deque[Command] = collections.deque()
-        need = transport.max_segments + transport.extra_pages_for(transport.max_segments)
+        need = self.max_pages + transport.extra_pages_for(Op.WRITE, self.max_pages)
         self.pool = PagePool(memory, max(pool_pages, need))
         self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
         self.frozen_step = False        # Q_FREEZE: a single-stepped command is in flight
         self.connected = True
         # counters for tests and diagnostics
-        self.freezes = {"cm_shortage": 0, "gnt_shortage": 0, "wait_idle": 0}
+        self.freezes = {"cm_shortage": 0, "page_shortage": 0, "wait_idle": 0}
         self.posted = 0
-        self.bogus_responses = 0
-
-    @property
-    def max_bytes(self) -> int:
-        return self.transport.max_segments * PAGE_SIZE
+        self.bogus_completions = 0
 
     # -- command allocation with freeze/thaw ------------------------------------------------
-    async def _get(self, npages: int) -> Command:
-        extra = self.transport.extra_pages_for(npages)
+    async def _get(self, op: Op, npages: int) -> Command:
+        extra = self.transport.extra_pages_for(op, npages)
         need = npages + extra
         if need > self.pool.nr_pages:
             raise OSError(errno.EINVAL, f"a command of {npages} pages exceeds the pool")
@@ -184,7 +143,7 @@ class Engine:
             if not self.free:
                 self.freezes["cm_shortage"] += 1
             else:
-                self.freezes["gnt_shortage"] += 1
+                self.freezes["page_shortage"] += 1
             ev = trio.Event()
             entry = (need, ev)
             self._waiters.append(entry)
@@ -202,8 +161,8 @@ class Engine:
             raise OSError(errno.EIO, "disk disconnected")
         cmd = self.free.popleft()
         cmd.queue = Queue.NONE
-        data = self.pool.alloc(npages) if npages else []
-        cmd.pages = data
+        cmd.op = op
+        cmd.pages = self.pool.alloc(npages) if npages else []
         cmd.extra_pages = self.pool.alloc(extra) if extra else []
         cmd.done = None
         cmd.status = 0
@@ -229,10 +188,12 @@ class Engine:
     def startio(self) -> None:
         """Move READY commands to the ring while there is room and nothing holds them."""
         t = self.transport
+        barrier = self.limits.barrier
         queued = 0
-        while self.connected and self.ready and not self.frozen_step and t.ring_free() > 0:
+        while self.connected and self.ready and not self.frozen_step and \
+                t.can_post(self.ready[0]):
             cmd = self.ready[0]
-            if cmd.ordered and not t.has_barrier:
+            if cmd.ordered and not barrier:
                 cmd.single_step = True
                 if self.busy:
                     self.freezes["wait_idle"] += 1
@@ -240,7 +201,6 @@ class Engine:
             self.ready.popleft()
             if cmd.single_step:
                 self.frozen_step = True
-            t.map_command(cmd)
             t.post(cmd)
             cmd.queue = Queue.BUSY
             self.busy[cmd.id] = cmd
@@ -250,15 +210,15 @@ class Engine:
             t.push()
 
     def complete(self, cid: int, status: int) -> None:
-        """A response arrived for command ``cid`` (called by the transport's interrupt
-        handler). Responses may come in any order; a response naming no busy command is
-        counted and ignored."""
+        """Command ``cid`` completed with ``status`` (0 or an errno); called by the
+        transport's interrupt handler. Completions may come in any order; one naming no busy
+        command is counted and ignored."""
         cmd = self.busy.pop(cid, None) if 0 <= cid < len(self.shadow) else None
         if cmd is None:
-            self.bogus_responses += 1
-            log.warning("response for command %d, which is not in flight; ignored", cid)
+            self.bogus_completions += 1
+            log.warning("completion for command %d, which is not in flight; ignored", cid)
             return
-        self.transport.unmap_command(cmd)
+        self.transport.retire(cmd)
         if cmd.single_step:
             self.frozen_step = False
         self._finish(cmd, status)
@@ -275,28 +235,31 @@ class Engine:
             cmd.done.set()
 
     def fail_all(self) -> None:
-        """The ring is gone: fail every queued and in-flight command, end their grants,
-        and wake everyone waiting for a command."""
+        """The ring is gone: fail every queued and in-flight command with EIO, retire what
+        the transport took for them, and wake everyone waiting for a command."""
         self.connected = False
         busy = list(self.busy.values())
         self.busy.clear()
         self.frozen_step = False
         for cmd in busy:
-            self.transport.unmap_command(cmd)
-            self._finish(cmd, -1)
+            self.transport.retire(cmd)
+            self._finish(cmd, errno.EIO)
         ready = list(self.ready)
         self.ready.clear()
-        for cmd in ready:                      # never reached the ring: nothing mapped
-            self._finish(cmd, -1)
+        for cmd in ready:                      # never reached the ring: nothing to retire
+            self._finish(cmd, errno.EIO)
         for _, ev in self._waiters:
             ev.set()
         self._waiters.clear()
 
     async def _submit(self, cmd: Command) -> int:
         """Queue ``cmd`` and wait for its completion. The caller releases it with
-        :meth:`_release` (a read copies its data out of the pages first). A backend that
+        :meth:`_release` (a read copies its data out of the pages first). A device that
         answers from its doorbell handler (a cached read) completes the command before
-        :meth:`startio` returns; then there is nothing to wait for."""
+        :meth:`startio` returns; then there is nothing to wait for.
+
+        Cancelled while READY, the command is taken back; while BUSY, it is freed when its
+        completion arrives (the device may still be writing its pages)."""
         cmd.queue = Queue.READY
         self.ready.append(cmd)
         self.startio()
@@ -309,7 +272,8 @@ class Engine:
             if cmd.queue == Queue.READY:       # cancelled before it reached the ring
                 self.ready.remove(cmd)
                 self._put(cmd)
-            elif cmd.queue == Queue.BUSY:      # freed when its response arrives
+                self.startio()                 # it may have been holding the queue
+            elif cmd.queue == Queue.BUSY:      # freed when its completion arrives
                 cmd.abandoned = True
             else:
                 self._release(cmd)
@@ -322,12 +286,10 @@ class Engine:
             self._put(cmd)
         self.startio()
 
-    def _check(self, status: int, what: str) -> None:
-        if status == 0:
-            return
-        if status == -2:
-            raise OSError(errno.EOPNOTSUPP, f"{what}: not supported by the backend")
-        raise OSError(errno.EIO, f"{what}: backend reported an I/O error ({status})")
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status:
+            raise OSError(status, f"{what}: {os.strerror(status)}")
 
     # -- the operations the block layer uses ------------------------------------------------
     def _pages_view(self, pages: list[int]) -> memoryview | None:
@@ -338,10 +300,10 @@ class Engine:
         return None
 
     async def read_bytes(self, sector: int, n: int) -> bytes:
-        """Read ``n`` bytes (a multiple of 512, at most :attr:`max_bytes`), copied once out
-        of the command's pages."""
-        cmd = await self._get(-(-n // PAGE_SIZE))
-        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.READ, sector, n // SECTOR, n
+        """Read ``n`` bytes (whole logical blocks, at most :attr:`max_bytes`), copied once
+        out of the command's pages."""
+        cmd = await self._get(Op.READ, -(-n // PAGE_SIZE))
+        cmd.sector, cmd.nsectors, cmd.nbytes = sector, n // SECTOR, n
         status = await self._submit(cmd)
         try:
             if status == 0:
@@ -358,8 +320,10 @@ class Engine:
         out[:] = await self.read_bytes(sector, len(out))
 
     async def write(self, sector: int, data: memoryview, ordered: bool = False) -> None:
+        """Write ``data`` (whole logical blocks, at most :attr:`max_bytes`). An ``ordered``
+        write is neither passed by nor passes any other command."""
         n = len(data)
-        cmd = await self._get(-(-n // PAGE_SIZE))
+        cmd = await self._get(Op.WRITE, -(-n // PAGE_SIZE))
         whole = self._pages_view(cmd.pages)
         if whole is not None:
             whole[:n] = data
@@ -368,28 +332,30 @@ class Engine:
             for i, pfn in enumerate(cmd.pages):
                 chunk = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
                 mem.view(pfn)[:len(chunk)] = chunk
-        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.WRITE, sector, n // SECTOR, n
+        cmd.sector, cmd.nsectors, cmd.nbytes = sector, n // SECTOR, n
         cmd.ordered = ordered
         status = await self._submit(cmd)
         self._release(cmd)
         self._check(status, f"write at sector {sector}")
 
     async def flush(self) -> None:
-        t = self.transport
-        if not (t.has_flush or t.has_barrier):
-            return                      # write-through: nothing is cached
-        cmd = await self._get(0)
-        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.FLUSH, 0, 0, 0
-        cmd.ordered = not t.has_flush   # a barrier-only flush is an ordered empty write
+        """Empty the device's volatile cache: its FLUSH, else an empty barrier; nothing on a
+        write-through device."""
+        lim = self.limits
+        if not lim.write_cache:
+            return
+        cmd = await self._get(Op.FLUSH, 0)
+        cmd.sector, cmd.nsectors, cmd.nbytes = 0, 0, 0
+        cmd.ordered = not lim.flush      # a barrier-only flush is an ordered empty write
         status = await self._submit(cmd)
         self._release(cmd)
         self._check(status, "flush")
 
     async def discard(self, sector: int, nsectors: int) -> None:
-        if not self.transport.has_discard:
-            raise OSError(errno.EOPNOTSUPP, "the backend does not offer discard")
-        cmd = await self._get(0)
-        cmd.op, cmd.sector, cmd.nsectors, cmd.nbytes = CmdOp.DISCARD, sector, nsectors, 0
+        if not self.limits.discard_granularity:
+            raise OSError(errno.EOPNOTSUPP, "the device does not discard")
+        cmd = await self._get(Op.DISCARD, 0)
+        cmd.sector, cmd.nsectors, cmd.nbytes = sector, nsectors, 0
         status = await self._submit(cmd)
         self._release(cmd)
         self._check(status, f"discard at sector {sector}")

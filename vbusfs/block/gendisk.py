@@ -18,44 +18,36 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
+from vbusfs.block.contract import SECTOR, STAT_GROUP, Limits, Op
 from vbusfs.block.engine import Engine
 from vbusfs.sysfs import Attr, Attribute, BlockFile, Directory, Group, Symlink, Tree, add_group
 from vbusfs.sysfs.driver_core import add_power_dir, sysfs_bool
 
-__all__ = ["Disk", "QueueLimits", "add_disk", "del_disk", "BLOCK_CLASS"]
+__all__ = ["Disk", "QueueSettings", "add_disk", "del_disk", "BLOCK_CLASS"]
 
-SECTOR = 512
 BLOCK_CLASS = "sys/class/block"
-_READ, _WRITE, _DISCARD, _FLUSH = 0, 1, 2, 3
 _diskseq = 0
 
 
 @dataclass
-class QueueLimits:
-    logical_block_size: int = 512
-    physical_block_size: int = 512
-    max_segments: int = 11
-    max_segment_size: int = 4096
-    nr_requests: int = 32
-    discard_granularity: int = 0        # 0: no discard
-    write_cache: bool = True            # the backend has a cache to flush
-    fua: bool = False
-    max_sectors_kb: int = field(default=0)
-    rotational: int = 0
+class QueueSettings:
+    """The queue's tunables (``/sys/block/<disk>/queue/*`` that root may write); what the
+    device can take is the transport's :class:`~vbusfs.block.contract.Limits`."""
+
+    max_sectors_kb: int
+    write_cache: bool
+    rotational: int
+    nr_requests: int
     read_ahead_kb: int = 128
     nomerges: int = 0
     rq_affinity: int = 1
     iostats: int = 1
     add_random: int = 0
     scheduler: str = "none"
-
-    @property
-    def max_hw_sectors_kb(self) -> int:
-        return self.max_segments * 4096 // 1024
 
 
 class _RangeLock:
@@ -78,7 +70,7 @@ class _RangeLock:
 
 class Disk:
     def __init__(self, name: str, major: int, minor: int, minors: int, sectors: int,
-                 engine: Engine, limits: QueueLimits, readonly: bool, removable: bool) -> None:
+                 engine: Engine, readonly: bool, removable: bool) -> None:
         global _diskseq
         _diskseq += 1
         self.diskseq = _diskseq
@@ -86,14 +78,16 @@ class Disk:
         self.major, self.minor, self.minors = major, minor, minors
         self.sectors = sectors                 # 512-byte units, whatever the block size
         self.engine = engine
-        self.limits = limits
-        if not limits.max_sectors_kb:
-            limits.max_sectors_kb = min(limits.max_hw_sectors_kb, 1280)
+        self.limits: Limits = engine.limits
+        self.queue = QueueSettings(
+            max_sectors_kb=min(self.limits.max_transfer // 1024, 1280),
+            write_cache=self.limits.write_cache, rotational=int(self.limits.rotational),
+            nr_requests=len(engine.shadow))
         self.readonly = readonly
         self.removable = removable
         self.dead = False
         self._lock = _RangeLock()
-        self.ios = [0, 0, 0, 0]
+        self.ios = [0, 0, 0, 0]                 # by stat group: read, write, discard, flush
         self.sectors_done = [0, 0, 0]
         self.ticks_ns = [0, 0, 0, 0]
         self.in_flight = [0, 0]                 # reads, writes (discard/flush count as write)
@@ -103,22 +97,25 @@ class Disk:
         self.file: BlockFile | None = None
 
     # -- accounting ---------------------------------------------------------------------------
-    def _start(self, rw: int) -> int:
+    def _start(self, op: Op) -> int:
+        """Account an I/O being issued; every call is paired with :meth:`_done` in a
+        ``finally``, so a caller cancelled midway (a killed ``dd``) leaves nothing behind."""
         now = time.monotonic_ns()
         if not any(self.in_flight):
             self._busy_since = now
-        self.in_flight[0 if rw == _READ else 1] += 1
+        self.in_flight[op != Op.READ] += 1
         return now
 
-    def _done(self, rw: int, t0: int, sectors: int) -> None:
+    def _done(self, op: Op, t0: int, sectors: int) -> None:
         now = time.monotonic_ns()
-        self.in_flight[0 if rw == _READ else 1] -= 1
+        self.in_flight[op != Op.READ] -= 1
         if not any(self.in_flight):
             self._busy_ns += now - self._busy_since
-        self.ios[rw] += 1
-        if rw < 3:
-            self.sectors_done[rw] += sectors
-        self.ticks_ns[rw] += now - t0
+        group = STAT_GROUP[op]
+        self.ios[group] += 1
+        if group < 3:
+            self.sectors_done[group] += sectors
+        self.ticks_ns[group] += now - t0
 
     def io_ticks_ms(self) -> int:
         busy = self._busy_ns
@@ -140,7 +137,7 @@ class Disk:
         return 0 if self.dead else self.sectors * SECTOR
 
     def _chunk(self) -> int:
-        return min(self.engine.max_bytes, self.limits.max_sectors_kb * 1024)
+        return min(self.engine.max_bytes, self.queue.max_sectors_kb * 1024)
 
     async def _split(self, op: Callable[[int, memoryview], Awaitable[None]], start: int,
                      buf: memoryview) -> None:
@@ -173,7 +170,7 @@ class Disk:
         lbs = self.limits.logical_block_size
         start = offset - offset % lbs
         end = -(-(offset + size) // lbs) * lbs
-        t0 = self._start(_READ)
+        t0 = self._start(Op.READ)
         try:
             if end - start <= self._chunk():
                 data = await self.engine.read_bytes(start // SECTOR, end - start)
@@ -183,7 +180,7 @@ class Disk:
             buf = bytearray(end - start)
             await self._read_blocks(start, memoryview(buf))
         finally:
-            self._done(_READ, t0, (end - start) // SECTOR)
+            self._done(Op.READ, t0, (end - start) // SECTOR)
         return bytes(buf[offset - start:offset - start + size])
 
     async def write(self, offset: int, data: bytes) -> int:
@@ -200,32 +197,34 @@ class Disk:
         lbs = self.limits.logical_block_size
         start = offset - offset % lbs
         end = -(-(offset + n) // lbs) * lbs
-        t0 = self._start(_WRITE)
         await self._lock.acquire(start, end)
         try:
-            if start == offset and end == offset + n:
-                await self._write_blocks(start, memoryview(data)[:n])
-            else:
-                buf = bytearray(end - start)
-                view = memoryview(buf)
-                if offset != start:
-                    await self.engine.read(start // SECTOR, view[:lbs])
-                if offset + n != end and (end - lbs >= start + lbs or offset == start):
-                    await self.engine.read((end - lbs) // SECTOR, view[-lbs:])
-                buf[offset - start:offset - start + n] = data[:n]
-                await self._write_blocks(start, view)
+            t0 = self._start(Op.WRITE)
+            try:
+                if start == offset and end == offset + n:
+                    await self._write_blocks(start, memoryview(data)[:n])
+                else:
+                    buf = bytearray(end - start)
+                    view = memoryview(buf)
+                    if offset != start:
+                        await self.engine.read(start // SECTOR, view[:lbs])
+                    if offset + n != end and (end - lbs >= start + lbs or offset == start):
+                        await self.engine.read((end - lbs) // SECTOR, view[-lbs:])
+                    buf[offset - start:offset - start + n] = data[:n]
+                    await self._write_blocks(start, view)
+            finally:
+                self._done(Op.WRITE, t0, (end - start) // SECTOR)
         finally:
             self._lock.release(start, end)
-            self._done(_WRITE, t0, (end - start) // SECTOR)
         return n
 
     async def flush(self) -> None:
         self._check_live()
-        t0 = self._start(_FLUSH)
+        t0 = self._start(Op.FLUSH)
         try:
             await self.engine.flush()
         finally:
-            self._done(_FLUSH, t0, 0)
+            self._done(Op.FLUSH, t0, 0)
 
     async def discard(self, offset: int, length: int) -> None:
         """Discard whole logical blocks of ``[offset, offset+length)`` (bytes)."""
@@ -240,16 +239,19 @@ class Disk:
                 offset + length > total:
             raise OSError(errno.EINVAL, f"discard range must be whole {lbs}-byte blocks "
                           f"inside the disk ({total} bytes)")
-        t0 = self._start(_DISCARD)
+        # each request at most max_discard_bytes (and a modest 1 GiB), whole blocks
+        step = max(lbs, min(self.limits.max_discard_bytes, 1 << 30) // lbs * lbs)
         await self._lock.acquire(offset, offset + length)
         try:
-            step = 1 << 30               # keep each request's sector count modest
-            for off in range(offset, offset + length, step):
-                n = min(step, offset + length - off)
-                await self.engine.discard(off // SECTOR, n // SECTOR)
+            t0 = self._start(Op.DISCARD)
+            try:
+                for off in range(offset, offset + length, step):
+                    n = min(step, offset + length - off)
+                    await self.engine.discard(off // SECTOR, n // SECTOR)
+            finally:
+                self._done(Op.DISCARD, t0, length // SECTOR)
         finally:
             self._lock.release(offset, offset + length)
-            self._done(_DISCARD, t0, length // SECTOR)
 
 
 # -- sysfs ---------------------------------------------------------------------------------
@@ -260,34 +262,29 @@ def _int_store(lo: int, hi: int, setter: str) -> Attr[Disk]:
             v = int(text.strip())
         except ValueError:
             raise OSError(errno.EINVAL, f"not a number: {text.strip()!r}") from None
-        if not lo <= v <= (hi if hi >= 0 else d.limits.max_hw_sectors_kb):
+        if not lo <= v <= (hi if hi >= 0 else d.limits.max_transfer // 1024):
             raise OSError(errno.EINVAL, f"{v} is out of range")
-        setattr(d.limits, setter, v)
-    return Attr(setter, lambda d: f"{getattr(d.limits, setter)}\n", store)
+        setattr(d.queue, setter, v)
+    return Attr(setter, lambda d: f"{getattr(d.queue, setter)}\n", store)
 
 
 def _store_scheduler(d: Disk, text: str) -> None:
     if text.strip() not in ("none", "mq-deadline"):
         raise OSError(errno.EINVAL, "scheduler: none or mq-deadline")
-    d.limits.scheduler = text.strip()
+    d.queue.scheduler = text.strip()
 
 
 def _store_write_cache(d: Disk, text: str) -> None:
     t = text.strip()
     if t not in ("write back", "write through"):
         raise OSError(errno.EINVAL, "write_cache: 'write back' or 'write through'")
-    d.limits.write_cache = t == "write back"
+    d.queue.write_cache = t == "write back"
 
 
 def _store_bool(name: str) -> Attr[Disk]:
     def store(d: Disk, text: str) -> None:
-        setattr(d.limits, name, int(sysfs_bool(text)))
-    return Attr(name, lambda d: f"{getattr(d.limits, name)}\n", store)
-
-
-def _discard_max(d: Disk) -> int:
-    # blkfront: blk_queue_max_discard_sectors(rq, get_capacity(gd))
-    return d.sectors * SECTOR if d.limits.discard_granularity else 0
+        setattr(d.queue, name, int(sysfs_bool(text)))
+    return Attr(name, lambda d: f"{getattr(d.queue, name)}\n", store)
 
 
 DISK_GROUP: Group[Disk] = Group([
@@ -316,18 +313,19 @@ QUEUE_GROUP: Group[Disk] = Group([
     Attr("minimum_io_size", lambda d: f"{d.limits.physical_block_size}\n"),
     Attr("optimal_io_size", lambda d: "0\n"),
     _int_store(4, -1, "max_sectors_kb"),
-    Attr("max_hw_sectors_kb", lambda d: f"{d.limits.max_hw_sectors_kb}\n"),
+    Attr("max_hw_sectors_kb", lambda d: f"{d.limits.max_transfer // 1024}\n"),
     Attr("max_segments", lambda d: f"{d.limits.max_segments}\n"),
     Attr("max_segment_size", lambda d: f"{d.limits.max_segment_size}\n"),
     Attr("max_integrity_segments", lambda d: "0\n"),
+    Attr("dma_alignment", lambda d: f"{d.limits.dma_alignment}\n"),
     _store_bool("rotational"),
     _int_store(4, 100000, "nr_requests"),
     _int_store(0, 1 << 20, "read_ahead_kb"),
-    Attr("scheduler", lambda d: ("[none] mq-deadline\n" if d.limits.scheduler == "none"
+    Attr("scheduler", lambda d: ("[none] mq-deadline\n" if d.queue.scheduler == "none"
                                  else "none [mq-deadline]\n"), _store_scheduler),
     Attr("discard_granularity", lambda d: f"{d.limits.discard_granularity}\n"),
-    Attr("discard_max_bytes", lambda d: f"{_discard_max(d)}\n"),
-    Attr("discard_max_hw_bytes", lambda d: f"{_discard_max(d)}\n"),
+    Attr("discard_max_bytes", lambda d: f"{d.limits.max_discard_bytes}\n"),
+    Attr("discard_max_hw_bytes", lambda d: f"{d.limits.max_discard_bytes}\n"),
     Attr("discard_zeroes_data", lambda d: "0\n"),
     Attr("write_same_max_bytes", lambda d: "0\n"),
     Attr("write_zeroes_max_bytes", lambda d: "0\n"),
@@ -335,7 +333,7 @@ QUEUE_GROUP: Group[Disk] = Group([
     _int_store(0, 2, "rq_affinity"),
     _store_bool("iostats"),
     _store_bool("add_random"),
-    Attr("write_cache", lambda d: "write back\n" if d.limits.write_cache else "write through\n",
+    Attr("write_cache", lambda d: "write back\n" if d.queue.write_cache else "write through\n",
          _store_write_cache),
     Attr("fua", lambda d: f"{int(d.limits.fua)}\n"),
     Attr("zoned", lambda d: "none\n"),
@@ -360,7 +358,7 @@ def add_disk(tree: Tree, parent: Directory, disk: Disk, control: Directory | Non
     d.add(Symlink("subsystem", cls))
     bdi = tree.root.makedirs(f"sys/devices/virtual/bdi/{disk.major}:{disk.minor}")
     if "read_ahead_kb" not in bdi.children:
-        bdi.add(Attribute("read_ahead_kb", lambda: f"{disk.limits.read_ahead_kb}\n"))
+        bdi.add(Attribute("read_ahead_kb", lambda: f"{disk.queue.read_ahead_kb}\n"))
         bdi.add(Attribute("min_ratio", lambda: "0\n"))
         bdi.add(Attribute("max_ratio", lambda: "100\n"))
     d.add(Symlink("bdi", bdi))

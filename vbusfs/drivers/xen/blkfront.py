@@ -26,15 +26,17 @@ from dataclasses import dataclass
 
 import trio
 
-from vbusfs.block.engine import CmdOp, Command, Engine
-from vbusfs.block.gendisk import Disk, QueueLimits, add_disk, del_disk
+from vbusfs.block.contract import Command, Limits
+from vbusfs.block.contract import Op as BlockOp
+from vbusfs.block.engine import Engine
+from vbusfs.block.gendisk import Disk, add_disk, del_disk
 from vbusfs.drivers.xen.xenbus import XenbusDevice
 from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantTable
 from vbusfs.protocols.xen import blkif
-from vbusfs.protocols.xen.blkif import Op
+from vbusfs.protocols.xen.blkif import Op, Status
 from vbusfs.protocols.xen.ring import FrontRing, sring_init
 from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, XENVBD_MAJOR, State, parse_vdev
 from vbusfs.sysfs import Directory, Tree
@@ -63,20 +65,22 @@ class BlkfrontEnv:
     ring_start: int = 0                   # first ring index (tests start near 2**32)
 
 
+#: blkif response status → errno (BLKIF_RSP_*; anything else is an error)
+_ERRNO = {Status.OKAY: 0, Status.EOPNOTSUPP: errno.EOPNOTSUPP}
+
+
 class BlkifTransport:
+    """Engine commands on the blkif ring. A command's ``priv`` holds the grant references of
+    its data pages, then of its indirect pages."""
+
     def __init__(self, env: BlkfrontEnv, ring: FrontRing, port: int, backend_id: int,
-                 handle: int, max_segments: int, has_flush: bool, has_barrier: bool,
-                 has_discard: bool, persistent: bool) -> None:
+                 handle: int, limits: Limits, persistent: bool) -> None:
         self.env = env
         self.ring = ring
         self.port = port
         self.backend_id = backend_id
         self.handle = handle & 0xFFFF
-        self.max_segments = max_segments
-        self.indirect = max_segments > blkif.MAX_SEGMENTS_PER_REQUEST
-        self.has_flush = has_flush
-        self.has_barrier = has_barrier
-        self.has_discard = has_discard
+        self.limits = limits
         self.persistent = persistent
         self.pgrants: dict[int, int] = {}          # pfn -> ref (persistent)
         self.leaked_grants = 0
@@ -92,62 +96,63 @@ class BlkifTransport:
                 self.leaked_grants += 1
         self.pgrants.clear()
 
-    def ring_free(self) -> int:
-        return self.ring.free_requests()
+    def can_post(self, cmd: Command) -> bool:
+        return self.ring.free_requests() > 0         # every command is one slot
 
-    def extra_pages_for(self, nsegs: int) -> int:
-        if nsegs <= blkif.MAX_SEGMENTS_PER_REQUEST:
+    def extra_pages_for(self, op: BlockOp, npages: int) -> int:
+        """Indirect segment pages, for more data pages than a direct request carries."""
+        if npages <= blkif.MAX_SEGMENTS_PER_REQUEST:
             return 0
-        return -(-nsegs // blkif.SEGMENTS_PER_INDIRECT_PAGE)
+        return -(-npages // blkif.SEGMENTS_PER_INDIRECT_PAGE)
 
-    def map_command(self, cmd: Command) -> None:
+    def _grant(self, cmd: Command) -> list[int]:
         g = self.env.grants
         if self.persistent:
             get = self.pgrants.__getitem__
-            cmd.refs = list(map(get, cmd.pages)) + list(map(get, cmd.extra_pages))
-            return
-        ro = cmd.op != CmdOp.READ          # the backend only reads what we write
-        cmd.refs = [g.grant_access(self.backend_id, p, ro) for p in cmd.pages] + \
+            return list(map(get, cmd.pages)) + list(map(get, cmd.extra_pages))
+        ro = cmd.op != BlockOp.READ          # the backend only reads what we write
+        return [g.grant_access(self.backend_id, p, ro) for p in cmd.pages] + \
             [g.grant_access(self.backend_id, p, True) for p in cmd.extra_pages]
 
-    def unmap_command(self, cmd: Command) -> None:
+    def retire(self, cmd: Command) -> None:
         if not self.persistent:
-            for ref in cmd.refs:
+            for ref in cmd.priv:
                 if not self.env.grants.end_access(ref):
                     self.leaked_grants += 1       # still mapped by the backend
-        cmd.refs = []
+        cmd.priv = None
 
     def post(self, cmd: Command) -> None:
         ring = self.ring
         view = ring.view
         off = ring.slot_offset(ring.req_prod_pvt)
-        if cmd.op == CmdOp.DISCARD:
+        cmd.priv = refs = self._grant(cmd)
+        if cmd.op == BlockOp.DISCARD:
             blkif.DISCARD.pack_into(view, off, Op.DISCARD, 0, self.handle, cmd.id, cmd.sector,
                                     cmd.nsectors)
-        elif cmd.op == CmdOp.FLUSH:
-            op = Op.FLUSH_DISKCACHE if self.has_flush else Op.WRITE_BARRIER
+        elif cmd.op == BlockOp.FLUSH:
+            op = Op.FLUSH_DISKCACHE if self.limits.flush else Op.WRITE_BARRIER
             blkif.REQUEST_HEAD.pack_into(view, off, op, 0, self.handle, cmd.id, cmd.sector)
         else:
             # Data always starts at sector 0 of a page; only the last page may be partial.
-            op = Op.READ if cmd.op == CmdOp.READ else \
-                Op.WRITE_BARRIER if cmd.ordered and self.has_barrier else Op.WRITE
+            op = Op.READ if cmd.op == BlockOp.READ else \
+                Op.WRITE_BARRIER if cmd.ordered and self.limits.barrier else Op.WRITE
             nseg = len(cmd.pages)
-            refs = cmd.refs[:nseg]
+            drefs = refs[:nseg]
             if nseg <= blkif.MAX_SEGMENTS_PER_REQUEST:
                 blkif.REQUEST_HEAD.pack_into(view, off, op, nseg, self.handle, cmd.id,
                                              cmd.sector)
                 at = off + blkif.REQUEST_HEAD.size
-                blkif.pack_segments(view[at:at + 8 * nseg], refs, cmd.nsectors)
+                blkif.pack_segments(view[at:at + 8 * nseg], drefs, cmd.nsectors)
             else:
                 mem = self.env.memory
                 per = blkif.SEGMENTS_PER_INDIRECT_PAGE
                 left = cmd.nsectors
                 for i, pfn in enumerate(cmd.extra_pages):
-                    part = refs[i * per:(i + 1) * per]
+                    part = drefs[i * per:(i + 1) * per]
                     nsec = min(left, len(part) * (PAGE_SIZE // blkif.SECTOR))
                     blkif.pack_segments(mem.view(pfn), part, nsec)
                     left -= nsec
-                irefs = cmd.refs[nseg:]
+                irefs = refs[nseg:]
                 grefs = irefs + [0] * (blkif.MAX_INDIRECT_PAGES - len(irefs))
                 blkif.INDIRECT.pack_into(view, off, Op.INDIRECT, op, nseg, cmd.id,
                                          cmd.sector, self.handle, *grefs)
@@ -295,19 +300,21 @@ class Blkfront:
         ring = FrontRing(env.memory.view(self.ring_pfn, self.ring_pages), blkif.SLOT_SIZE,
                          start=env.ring_start)
         vdev = parse_vdev(dev.devid)
+        limits = Limits(
+            max_segments=segs, max_segment_size=PAGE_SIZE, max_transfer=segs * PAGE_SIZE,
+            logical_block_size=sector_size, physical_block_size=physical,
+            discard_granularity=granularity,
+            # blk_queue_max_discard_sectors(rq, get_capacity(gd))
+            max_discard_bytes=sectors * blkif.SECTOR if discard else 0,
+            flush=flush, barrier=barrier, fua=barrier)
         self.transport = t = BlkifTransport(env, ring, self.port, self.backend_id,
-                                            vdev.number, segs, flush, barrier, discard,
-                                            persistent)
-        per_cmd = segs + t.extra_pages_for(segs)
+                                            vdev.number, limits, persistent)
+        per_cmd = segs + t.extra_pages_for(BlockOp.WRITE, segs)
         self.engine = Engine(env.memory, t, ring.size, min(ring.size * per_cmd, POOL_PAGES))
         if persistent:
             t.grant_pool(self.engine.pool.base, self.engine.pool.nr_pages)
-        limits = QueueLimits(
-            logical_block_size=sector_size, physical_block_size=physical,
-            max_segments=segs, nr_requests=ring.size,
-            discard_granularity=granularity, write_cache=flush or barrier, fua=barrier)
         self.disk = Disk(vdev.name, XENVBD_MAJOR, vdev.minor, vdev.range, sectors,
-                         self.engine, limits, readonly=bool(info & blkif.VDISK_READONLY),
+                         self.engine, readonly=bool(info & blkif.VDISK_READONLY),
                          removable=bool(info & blkif.VDISK_REMOVABLE))
         assert dev.dir is not None
         add_disk(env.tree, dev.dir, self.disk, env.control)
@@ -344,7 +351,7 @@ class Blkfront:
                 rid, _op, status = blkif.RESPONSE.unpack_from(
                     view, ring.slot_offset(ring.rsp_cons))
                 ring.rsp_cons = (ring.rsp_cons + 1) & _M32
-                engine.complete(rid, status)
+                engine.complete(rid, _ERRNO.get(status, errno.EIO))
             if not ring.final_check_for_responses():
                 break
         engine.startio()

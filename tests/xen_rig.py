@@ -35,7 +35,7 @@ def vbd_toml(**disk: Any) -> str:
 
 
 @asynccontextmanager
-async def xen_machine(state_dir: Path, ring_start: int = 0, **disk: Any
+async def xen_machine(state_dir: Path, ring_start: int = 0, pool_pages: int = 0, **disk: Any
                       ) -> AsyncIterator[SimpleNamespace]:
     cfg = parse(tomllib.loads(vbd_toml(**disk)), state_dir, "<test>")
     cfg.machine.state_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +47,8 @@ async def xen_machine(state_dir: Path, ring_start: int = 0, **disk: Any
     control = tree.root.makedirs(".vbusfs/block")
     xm = XenMachine(parts, control)   # type: ignore[arg-type]
     xm.env.ring_start = ring_start
+    if pool_pages:
+        xm.env.pool_pages = pool_pages
     async with trio.open_nursery() as nursery:
         await xm.start(nursery)
         dev = next(iter(xm.xenbus.devices.values()))
@@ -54,7 +56,8 @@ async def xen_machine(state_dir: Path, ring_start: int = 0, **disk: Any
         assert isinstance(front, Blkfront) and front.disk is not None
         rig = SimpleNamespace(xm=xm, tree=tree, memory=memory, dev=dev, front=front,
                               disk=front.disk, engine=front.engine, back=xm.blkbacks[0],
-                              grants=xm.grants, image=xm.specs[0].image)
+                              grants=xm.grants, image=xm.specs[0].image,
+                              executor=xm.blkbacks[0].executor)
         try:
             yield rig
         finally:

@@ -14,13 +14,13 @@ and a bad one is answered with ``BLKIF_RSP_ERROR`` (or ``EOPNOTSUPP`` for an ope
 offered) without touching the image. A frontend that publishes more requests than the ring
 holds (``RING_REQUEST_PROD_OVERFLOW``) gets its ring halted, as Linux blkback does.
 
-Valid requests found on one doorbell run in ring order, straight from guest memory with
-``preadv``/``pwritev``; segments that are contiguous in guest memory become one iovec entry.
-The notification is handled directly when the ring is idle (see
-:class:`~vbusfs.platform.doorbell.Doorbell`): reads the page cache holds are done at once
-with ``RWF_NOWAIT``; the first request that could block, and everything after it, goes in
-one call to the image's I/O thread. Flush and barrier are ``fdatasync`` and, since a batch
-runs in order, ordered after everything before them; discard punches a hole.
+Valid requests become :class:`~backends.storage.executor.Request`s for the image executor,
+which owns ordering, flush semantics, the inline fast path and the I/O thread; blkback only
+maps blkif onto it: ``FLUSH_DISKCACHE`` is a flush (with data: a write made durable),
+``WRITE_BARRIER`` a flush (with data: a write preceded by a flush and made durable). The
+notification is handled directly when the ring is idle (see
+:class:`~vbusfs.platform.doorbell.Doorbell`); while the executor has a batch out, nothing new
+is taken off the ring, so requests run in ring order.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import trio
 
+from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.storage.raw import RawImage
-from backends.storage.worker import IoWorker
 from backends.xen.xenstore import Store
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
@@ -48,9 +48,8 @@ from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, State, Vdev
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Blkback", "VbdSpec", "FEATURES", "MAX_PERSISTENT_GRANTS"]
+__all__ = ["Blkback", "VbdSpec", "MAX_PERSISTENT_GRANTS"]
 
-FEATURES = ("flush", "barrier", "discard", "persistent")
 MAX_PERSISTENT_GRANTS = 1056           # Linux xen_blkif_max_pgrants default
 SECTORS_PER_PAGE = PAGE_SIZE // blkif.SECTOR
 _FULL_PAGES = bytes([SECTORS_PER_PAGE - 1]) * blkif.SEGMENTS_PER_INDIRECT_PAGE * \
@@ -79,15 +78,18 @@ class _Bad(Exception):
 
 
 @dataclass(slots=True)
-class _Work:
-    id: int
-    op: int
-    kind: int                    # Op.READ / WRITE / FLUSH_DISKCACHE / WRITE_BARRIER / DISCARD
-    offset: int = 0              # bytes
-    length: int = 0              # bytes (discard)
-    iov: tuple[memoryview, ...] = ()
+class _Work(Request):
+    """A request taken off the ring: what the executor needs, and how to answer it."""
+
+    id: int = 0
+    wire_op: int = 0             # the operation the response names
     mapped: tuple[int, ...] = ()  # grant refs to unmap after the I/O
-    status: int = Status.OKAY
+
+
+def _status(err: int) -> int:
+    """The executor's errno as a blkif status (BLKIF_RSP_*)."""
+    return Status.OKAY if not err else Status.EOPNOTSUPP if err == errno.EOPNOTSUPP \
+        else Status.ERROR
 
 
 class Blkback:
@@ -114,10 +116,8 @@ class Blkback:
         self.requests = 0
         self.errors = 0
         self._ring_scope: trio.CancelScope | None = None
-        self._in_io = 0                       # requests out on the I/O thread
-        self._idle = trio.Event()
-        self._nowait = True                   # the image's filesystem takes RWF_NOWAIT
-        self.worker = IoWorker(f"blkback {spec.vdev.name}")
+        self.executor: ImageExecutor | None = None
+        self._pumping = False
 
     # -- xenstore ----------------------------------------------------------------------------
     def _w(self, key: str, value: object) -> None:
@@ -158,6 +158,7 @@ class Blkback:
             raise OSError(errno.EINVAL, f"{spec.image}: size {size} is not a multiple of "
                           f"the {spec.sector_size}-byte sector size")
         self.sectors = self.image.size // blkif.SECTOR
+        self.executor = ImageExecutor(self.image, f"blkback {spec.vdev.name}")
 
     def publish_features(self) -> None:
         f = self.spec.features
@@ -189,7 +190,8 @@ class Blkback:
         finally:
             self.store.unwatch(watch)
             self._disconnect()
-            self.worker.close()
+            if self.executor is not None:
+                self.executor.close()
             if self.image is not None:
                 self.image.close()
 
@@ -271,8 +273,8 @@ class Blkback:
         if self._ring_scope is not None:
             self._ring_scope.cancel()
             self._ring_scope = None
-        while self._in_io:
-            await self._idle.wait()
+        if self.executor is not None:
+            await self.executor.wait_idle()
         self._disconnect()
 
     def _disconnect(self) -> None:
@@ -306,72 +308,48 @@ class Blkback:
                 bell.handler = None
 
     def _pump(self) -> bool:
-        """Take what the frontend posted and answer it. Runs directly from the frontend's
-        notification (see :class:`~vbusfs.platform.doorbell.Doorbell`), and again when an
-        I/O batch completes. Reads the page cache holds are done at once (``RWF_NOWAIT``);
-        the first request that could block, and everything after it, go to the image's
-        I/O thread as one batch, whose completion answers them and pumps again. While a
-        batch is out, nothing else is taken, so requests run in ring order and a flush or
-        barrier is ordered after everything before it."""
-        ring = self.ring
-        if ring is None or self._ring_scope is None or self.broken or self._in_io:
+        """Take what the frontend posted and hand it to the executor. Runs directly from the
+        frontend's notification (see :class:`~vbusfs.platform.doorbell.Doorbell`), from the
+        ring task, and again when the executor's batch comes back. While a batch is out,
+        nothing else is taken, so requests run in ring order and a flush or barrier is
+        ordered after everything before it. Never runs nested: a notification that arrives
+        while it runs (its own responses can bring new requests at once) is found by its
+        ``RING_FINAL_CHECK_FOR_REQUESTS``."""
+        ring, ex = self.ring, self.executor
+        if ring is None or ex is None or self._ring_scope is None or self.broken or \
+                ex.busy or self._pumping:
             return True
-        while True:
-            work = self._consume(ring)
-            if self.broken:
-                return True
-            done = self._run_inline(work)
-            self._finish(ring, work[:done])
-            if done < len(work):
-                batch = work[done:]
-                self._in_io = len(batch)
+        self._pumping = True
+        try:
+            while True:
+                work = self._consume(ring)
+                if self.broken:
+                    return True
+                if work and not ex.submit(work, functools.partial(self._done, ring)):
+                    self._notify(ring)
+                    return True              # _done pumps again when the batch is back
                 self._notify(ring)
-                self.worker.submit(self._execute, (batch,),
-                                   functools.partial(self._batch_done, ring, batch))
-                return True
-            self._notify(ring)
-            if not ring.final_check_for_requests():
-                return True
+                if not ring.final_check_for_requests():
+                    return True
+        finally:
+            self._pumping = False
 
-    def _batch_done(self, ring: BackRing, batch: list[_Work], _result: object) -> None:
-        """The I/O thread finished ``batch`` (on the trio thread): answer it, then go on."""
-        self._in_io = 0
-        if ring is self.ring:
-            self._finish(ring, batch)
-            self._notify(ring)
-        else:
-            for w in batch:
+    def _done(self, ring: BackRing, work: list[_Work]) -> None:
+        """The executor finished ``work``: answer it. When it came back from the I/O
+        thread (not inside the pump), publish the answers and take what waited."""
+        if ring is not self.ring:            # disconnected meanwhile: nothing to answer on
+            for w in work:
                 for ref in w.mapped:
                     self.grants.unmap(ref)
-        self._idle.set()
-        self._idle = trio.Event()
-        self._pump()
+            return
+        self._finish(ring, work)
+        if not self._pumping:
+            self._notify(ring)
+            self._pump()
 
     def _notify(self, ring: BackRing) -> None:
         if ring.push_responses_and_check_notify():
             self.evtchn.send(self.domid, self.port)
-
-    def _run_inline(self, work: list[_Work]) -> int:
-        """Do the leading reads of ``work`` that the page cache can satisfy at once
-        (``RWF_NOWAIT``); returns how many were done. The first request that is not a read,
-        or would block, stops it: what follows runs on the I/O thread, still in order."""
-        if not self._nowait:
-            return 0
-        img = self.image
-        assert img is not None
-        for i, w in enumerate(work):
-            if w.kind != Op.READ:
-                return i
-            try:
-                if not img.preadv_nowait(w.iov, w.offset):
-                    return i
-            except OSError as e:
-                if e.errno == errno.EOPNOTSUPP:
-                    self._nowait = False          # this filesystem cannot say
-                    return i
-                log.warning("%s: I/O error: %s", self.path, e)
-                w.status = Status.ERROR
-        return len(work)
 
     def _consume(self, ring: BackRing) -> list[_Work]:
         prod = ring.req_prod
@@ -407,9 +385,9 @@ class Blkback:
         for w in work:
             for ref in w.mapped:
                 self.grants.unmap(ref)
-            if w.status != Status.OKAY:
+            if w.status:
                 self.errors += 1
-            self._respond(ring, w.id, w.op, w.status)
+            self._respond(ring, w.id, w.wire_op, _status(w.status))
 
     # -- validation -------------------------------------------------------------------------
     def _parse(self, raw: bytes, req_id: int) -> _Work:
@@ -450,8 +428,8 @@ class Blkback:
             if self.spec.readonly:
                 raise _Bad(Status.ERROR, "discard on a read-only disk")
             self._check_range(sector, nsec)
-            return _Work(req_id, op, Op.DISCARD, sector * blkif.SECTOR,
-                         nsec * blkif.SECTOR)
+            return _Work(StorageOp.DISCARD, sector * blkif.SECTOR, nsec * blkif.SECTOR,
+                         id=req_id, wire_op=op)
         raise _Bad(Status.EOPNOTSUPP, f"unknown operation {op}")
 
     def _check_range(self, sector: int, nsec: int) -> None:
@@ -491,8 +469,7 @@ class Blkback:
                 # persistently mapped whole pages, contiguous in guest memory: one extent
                 iov: tuple[memoryview, ...] = (self.memory.gpa_view(
                     p0 * PAGE_SIZE, nsec * blkif.SECTOR),)
-                return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR,
-                             iov)
+                return self._work(req_id, op, kind, sector, nsec, iov, ())
         mapped: list[int] = []
         extents: list[list[int]] = []       # [gpa, length], merged when contiguous
         try:
@@ -512,8 +489,24 @@ class Blkback:
                 self.grants.unmap(ref)
             raise
         iov = tuple(self.memory.gpa_view(g, n) for g, n in extents)
-        return _Work(req_id, op, kind, sector * blkif.SECTOR, nsec * blkif.SECTOR, iov,
-                     tuple(mapped))
+        return self._work(req_id, op, kind, sector, nsec, iov, tuple(mapped))
+
+    @staticmethod
+    def _work(req_id: int, op: int, kind: int, sector: int, nsec: int,
+              iov: tuple[memoryview, ...], mapped: tuple[int, ...]) -> _Work:
+        """blkif's data operations in the executor's words."""
+        offset, length = sector * blkif.SECTOR, nsec * blkif.SECTOR
+        if kind == Op.READ:
+            return _Work(StorageOp.READ, offset, length, iov, id=req_id, wire_op=op,
+                         mapped=mapped)
+        if kind == Op.WRITE:
+            return _Work(StorageOp.WRITE, offset, length, iov, id=req_id, wire_op=op,
+                         mapped=mapped)
+        if not iov:                          # an empty flush or barrier: a flush
+            return _Work(StorageOp.FLUSH, id=req_id, wire_op=op)
+        # with data: a write made durable, after a flush of what came before for a barrier
+        return _Work(StorageOp.WRITE, offset, length, iov, preflush=kind == Op.WRITE_BARRIER,
+                     fua=True, id=req_id, wire_op=op, mapped=mapped)
 
     def _persistent(self, ref: int) -> int | None:
         """A persistently mapped frame for ``ref``, mapping it the first time (writable, as
@@ -528,29 +521,3 @@ class Blkback:
                 return None          # e.g. a read-only grant: map per request instead
             self._pgrants[ref] = pfn
         return pfn
-
-    # -- I/O (worker thread) ----------------------------------------------------------------
-    def _execute(self, work: list[_Work]) -> None:
-        img = self.image
-        assert img is not None
-        for w in work:
-            try:
-                if w.kind == Op.READ:
-                    img.preadv(w.iov, w.offset)
-                elif w.kind == Op.WRITE:
-                    img.pwritev(w.iov, w.offset)
-                elif w.kind == Op.FLUSH_DISKCACHE:
-                    if w.iov:
-                        img.pwritev(w.iov, w.offset)
-                    img.flush()
-                elif w.kind == Op.WRITE_BARRIER:
-                    img.flush()
-                    if w.iov:
-                        img.pwritev(w.iov, w.offset)
-                        img.flush()
-                elif w.kind == Op.DISCARD:
-                    img.discard(w.offset, w.length)
-            except OSError as e:
-                log.warning("%s: I/O error: %s", self.path, e)
-                w.status = Status.ERROR
-

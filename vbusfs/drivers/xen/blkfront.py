@@ -63,6 +63,7 @@ class BlkfrontEnv:
     domid: int
     control: Directory | None = None      # MNT/.vbusfs/block, for per-disk control files
     ring_start: int = 0                   # first ring index (tests start near 2**32)
+    pool_pages: int = POOL_PAGES          # data pages per disk
 
 
 #: blkif response status → errno (BLKIF_RSP_*; anything else is an error)
@@ -310,7 +311,7 @@ class Blkfront:
         self.transport = t = BlkifTransport(env, ring, self.port, self.backend_id,
                                             vdev.number, limits, persistent)
         per_cmd = segs + t.extra_pages_for(BlockOp.WRITE, segs)
-        self.engine = Engine(env.memory, t, ring.size, min(ring.size * per_cmd, POOL_PAGES))
+        self.engine = Engine(env.memory, t, ring.size, min(ring.size * per_cmd, env.pool_pages))
         if persistent:
             t.grant_pool(self.engine.pool.base, self.engine.pool.nr_pages)
         self.disk = Disk(vdev.name, XENVBD_MAJOR, vdev.minor, vdev.range, sectors,

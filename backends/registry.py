@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from backends.vmbus.devices import IC_SERVICES, DeviceModel, IcDevice, IdleDevice
-from backends.vmbus.host import ChannelSpec
+from backends.vmbus.channel import ChannelSpec, DeviceModel
+from backends.vmbus.devices import IC_SERVICES, IcDevice, IdleDevice
 from backends.xen.blkback import VbdSpec
 from vbusfs.config import Config
 from vbusfs.protocols.vmbus import messages as m

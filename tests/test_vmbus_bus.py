@@ -14,11 +14,13 @@ import pytest
 import trio
 import trio.testing
 
+from backends.vmbus.channel import ChannelSpec
 from backends.vmbus.devices import IcDevice, IdleDevice
-from backends.vmbus.host import ChannelSpec, VmbusHost
+from backends.vmbus.host import VmbusHost
 from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
-from vbusfs.drivers.vmbus.channel import OpenError
+from vbusfs.drivers.vmbus.connection import OpenError
+from vbusfs.drivers.vmbus.drivers import linux_drivers
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.vmbus.synic import PostedMessage, Synic
 from vbusfs.protocols.vmbus import messages as m
@@ -63,6 +65,8 @@ async def start_rig(nursery: trio.Nursery, host_version: m.Version = m.Version.W
              ChannelSpec("avma", AVMA, AVMA_INST, IdleDevice())]
     host = VmbusHost(synic, memory, specs, host_version)
     bus = VmbusBus(synic, memory, tree, cpus=2, versions=guest_versions)
+    for drv in linux_drivers():
+        bus.register(drv)
     await nursery.start(host.run)
     await nursery.start(bus.run)
     return Rig(host, bus, tree, memory, hb, synic)
@@ -74,8 +78,8 @@ async def rig(nursery: trio.Nursery) -> AsyncIterator[Rig]:
 
 
 async def test_connect_and_offers(rig: Rig) -> None:
-    assert rig.bus.version == m.Version.WIN10_V5_3
-    assert rig.bus.msg_conn_id == m.VMBUS_MESSAGE_CONNECTION_ID_4
+    assert rig.bus.conn.version == m.Version.WIN10_V5_3
+    assert rig.bus.conn.msg_conn_id == m.VMBUS_MESSAGE_CONNECTION_ID_4
     # relids are assigned in offer order by the host; `id` prints the relid
     assert [rig.read(i, "id") for i in (HB_INST, NIC_INST, AVMA_INST)] == ["1\n", "2\n", "3\n"]
     # drivers bound → OPENED (3); AVMA has no Linux driver → offered, unopened (2)
@@ -125,10 +129,10 @@ async def test_ring_attributes_track_guest_memory(
 
 async def test_version_fallback(nursery: trio.Nursery) -> None:
     rig = await start_rig(nursery, host_version=m.Version.WIN10)
-    assert rig.bus.version == m.Version.WIN10
-    assert rig.bus.msg_conn_id == m.VMBUS_MESSAGE_CONNECTION_ID
+    assert rig.bus.conn.version == m.Version.WIN10
+    assert rig.bus.conn.msg_conn_id == m.VMBUS_MESSAGE_CONNECTION_ID
     with pytest.raises(OSError) as e:             # cpu moves need 4.1
-        await rig.bus.set_target_cpu(rig.bus.devices[2], 1)
+        await rig.bus.devices[2].set_target_cpu(1)
     assert e.value.errno == errno.EIO
 
 
@@ -189,21 +193,21 @@ async def test_host_refuses_bad_gpadl_and_open(rig: Rig, logs: Logs) -> None:
     logs.expect(r"OPENCHANNEL relid 3 refused: GPADL 0xdead is not a created GPADL")
     logs.expect(r"OPENCHANNEL relid 3 refused: ring split at page 1 of 4")
     with pytest.raises(OpenError):
-        await rig.bus.create_gpadl(3, [rig.memory.nr_frames + 5])      # outside memory
+        await rig.bus.conn.create_gpadl(3, [rig.memory.nr_frames + 5])      # outside memory
     with pytest.raises(OpenError):
-        await rig.bus.create_gpadl(99, [5])                            # unknown relid
+        await rig.bus.conn.create_gpadl(99, [5])                            # unknown relid
     with pytest.raises(OpenError):
-        await rig.bus.open_channel(m.OpenChannel(3, 3, 0xDEAD, 0, 2))  # no such GPADL
+        await rig.bus.conn.open_channel(m.OpenChannel(3, 3, 0xDEAD, 0, 2))  # no such GPADL
     pfn = rig.memory.alloc(4)
-    handle = await rig.bus.create_gpadl(3, list(range(pfn, pfn + 4)))
+    handle = await rig.bus.conn.create_gpadl(3, list(range(pfn, pfn + 4)))
     with pytest.raises(OpenError):                                     # split leaves no data
-        await rig.bus.open_channel(m.OpenChannel(3, 3, handle, 0, 1))
+        await rig.bus.conn.open_channel(m.OpenChannel(3, 3, handle, 0, 1))
     assert not rig.host.channels[3].is_open
 
 
 async def test_many_pfns_use_gpadl_body(rig: Rig) -> None:
     pfn = rig.memory.alloc(100)
-    handle = await rig.bus.create_gpadl(3, list(range(pfn, pfn + 100)))   # 26 + 28 + 28 + 18
+    handle = await rig.bus.conn.create_gpadl(3, list(range(pfn, pfn + 100)))   # 26 + 28 + 28 + 18
     assert rig.host._gpadls[handle].pfns == list(range(pfn, pfn + 100))
 
 
@@ -228,5 +232,5 @@ async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> Non
     await trio.testing.wait_all_tasks_blocked()
     # still serving: a fresh GPADL works and opened channels are untouched
     pfn = rig.memory.alloc(2)
-    assert await rig.bus.create_gpadl(3, [pfn, pfn + 1]) > 0
+    assert await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1]) > 0
     assert rig.read(HB_INST, "state") == "3\n"

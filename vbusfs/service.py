@@ -28,11 +28,13 @@ from backends.xen.xenstore import Store, XenstoreDaemon
 from vbusfs import __version__
 from vbusfs.config import Config
 from vbusfs.drivers.vmbus.bus import VmbusBus
-from vbusfs.drivers.xen.blkfront import BlkfrontEnv, blkfront_driver
+from vbusfs.drivers.vmbus.drivers import linux_drivers
+from vbusfs.drivers.xen.blkfront import BlkfrontDriver, BlkfrontEnv
 from vbusfs.drivers.xen.sys_hypervisor import add_sys_hypervisor
 from vbusfs.drivers.xen.xenbus import XenBus
 from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.drivers.xen.xenstore_view import XenstoreView
+from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.vmbus.synic import Synic
@@ -63,6 +65,8 @@ class Machine:
         self.host = VmbusHost(self.synic, self.memory, vmbus_channel_specs(config),
                               config.vmbus_version)
         self.vmbus = VmbusBus(self.synic, self.memory, self.tree, config.machine.cpus)
+        for drv in linux_drivers():
+            self.vmbus.register(drv)
         self.xen: XenMachine | None = None
         if config.xen is not None:
             self.xen = XenMachine(self, self.control.mkdir("block"))
@@ -95,7 +99,7 @@ class Machine:
         ctl.add(Attribute("config", lambda: cfg.source + "\n"))
         ctl.add(Attribute("state_dir", lambda: f"{cfg.machine.state_dir}\n"))
         ctl.add(Attribute("vmbus_version", lambda: (
-            self.vmbus.version.text if self.vmbus.version else "disconnected") + "\n"))
+            self.vmbus.conn.version.text if self.vmbus.conn.version else "disconnected") + "\n"))
         ctl.add(Attribute("control", None, store_control))
         ctl.add(Attribute("status.json", lambda: json.dumps(self.status(mountpoint)) + "\n"))
 
@@ -105,7 +109,7 @@ class Machine:
             "mountpoint": mountpoint,
             "pid": os.getpid(),
             "buses": {"vmbus": {
-                "version": self.vmbus.version.text if self.vmbus.version else None,
+                "version": self.vmbus.conn.version.text if self.vmbus.conn.version else None,
                 "devices": len(self.vmbus.devices)},
                 **({"xen": self.xen.status()} if self.xen is not None else {})},
         }
@@ -150,8 +154,8 @@ class XenMachine:
         self.client = XenstoreClient(mem, self.evtchn, cfg.domid, self.xs_pfn, guest_port)
         self.env = BlkfrontEnv(mem, self.grants, self.evtchn, self.client, machine.tree,
                                cfg.domid, block_control)
-        self.xenbus = XenBus(machine.tree, self.client, self.evtchn, cfg.domid,
-                             {"vbd": blkfront_driver(self.env)})
+        self.xenbus = XenBus(machine.tree, self.client, self.evtchn, cfg.domid)
+        self.xenbus.register(BlkfrontDriver(self.env))
         self.view = XenstoreView(machine.tree, self.client)
         add_sys_hypervisor(machine.tree, version_info(cfg.domid, cfg.uuid, cfg.version))
 
@@ -232,15 +236,9 @@ def serve(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> No
     """Mount and run until stopped. Raises on failure before or after mounting."""
     Path(machine.config.machine.state_dir).mkdir(parents=True, exist_ok=True)
     try:
-        trio.run(_run, machine, mountpoint, on_ready)
-    except BaseExceptionGroup as group:
         # One failing task (say, no VMBus version in common, or an image that cannot be
         # opened) is reported as itself, however deeply the nurseries nested it.
-        inner: BaseException = group
-        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
-            inner = inner.exceptions[0]
-        if isinstance(inner, Exception) and not isinstance(inner, BaseExceptionGroup):
-            raise inner from None
-        raise
+        with single_errors():
+            trio.run(_run, machine, mountpoint, on_ready)
     finally:
         machine.close()

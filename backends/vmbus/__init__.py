@@ -1,5 +1,6 @@
-"""Hyper-V host side: the VMBus channel-management server and per-channel device models."""
+"""The Hyper-V host side of VMBus: the server, its channels and the device models."""
 
-from backends.vmbus.host import ChannelSpec, HostChannel, VmbusHost
+from backends.vmbus.channel import ChannelSpec, HostChannel
+from backends.vmbus.host import VmbusHost
 
 __all__ = ["ChannelSpec", "HostChannel", "VmbusHost"]

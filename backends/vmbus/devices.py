@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
 
 import trio
 
+from backends.vmbus.channel import HostChannel
 from vbusfs.protocols.vmbus import hv_ic
 from vbusfs.protocols.vmbus.ring import COMPLETION_REQUESTED, Packet, PacketType
 
-if TYPE_CHECKING:
-    from backends.vmbus.host import HostChannel
-
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceModel", "IdleDevice", "IcDevice", "IC_SERVICES"]
+__all__ = ["PacketDevice", "IdleDevice", "IcDevice", "IC_SERVICES"]
 
 
-class DeviceModel:
-    """Base: ``run`` is started when the guest opens the channel and cancelled on close."""
+class PacketDevice:
+    """A device model that takes the guest's packets one by one (``handle``); the default
+    completes those that ask for a completion."""
 
     async def run(self, chan: HostChannel) -> None:
         while True:
@@ -40,7 +38,7 @@ class DeviceModel:
             await chan.send(PacketType.COMP, 0, pkt.trans_id, b"")
 
 
-class IdleDevice(DeviceModel):
+class IdleDevice(PacketDevice):
     pass
 
 
@@ -57,7 +55,7 @@ IC_SERVICES: dict[str, tuple[int, list[tuple[int, int]]]] = {
 _FRAMEWORKS = [(1, 0), (3, 0)]
 
 
-class IcDevice(DeviceModel):
+class IcDevice(PacketDevice):
     def __init__(self, service: str, heartbeat_interval: float = 2.0) -> None:
         self.service = service
         self.msgtype, self.versions = IC_SERVICES[service]

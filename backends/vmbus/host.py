@@ -10,43 +10,25 @@ and logged where the protocol has no error reply), never with an exception.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
-from backends.vmbus.devices import DeviceModel
-from vbusfs.platform.doorbell import Doorbell
+from backends.vmbus.channel import ChannelSpec, HostChannel
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory, MemoryError_
 from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
 from vbusfs.platform.vmbus.synic import PostedMessage, Synic
 from vbusfs.protocols.vmbus import messages as m
-from vbusfs.protocols.vmbus.ring import Packet, Ring, RingError
+from vbusfs.protocols.vmbus.ring import Ring, RingError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChannelSpec", "HostChannel", "VmbusHost", "STATUS_UNSUCCESSFUL"]
+__all__ = ["VmbusHost", "STATUS_UNSUCCESSFUL"]
 
 STATUS_UNSUCCESSFUL = 0xC0000001   # NTSTATUS used for failed GPADL/open requests
 #: host's choice for the monitor latency it writes (100 ns units); real hosts vary
 MONITOR_LATENCY = 100
-#: channel connection ids are relid + this (any value the host picks works; the guest uses
-#: what the offer says)
-CONNECTION_ID_BASE = 0x10000
-
-
-@dataclass
-class ChannelSpec:
-    """What the machine config asks the host to offer."""
-
-    name: str
-    if_type: uuid.UUID
-    if_instance: uuid.UUID
-    model: DeviceModel
-    monitor: bool = False
-    chn_flags: int = 0
-    user_defined: bytes = b""
 
 
 @dataclass
@@ -58,46 +40,6 @@ class _Gpadl:
     total_pfns: int
     pfns: list[int] = field(default_factory=list)
     created: bool = False
-
-
-class HostChannel:
-    """One offered channel as the host sees it."""
-
-    def __init__(self, host: VmbusHost, spec: ChannelSpec, relid: int,
-                 monitorid: int | None) -> None:
-        self.host = host
-        self.spec = spec
-        self.relid = relid
-        self.connection_id = CONNECTION_ID_BASE + relid
-        self.monitorid = monitorid
-        self.name = f"vmbus relid {relid} ({spec.name})"
-        self.doorbell = Doorbell(self.name)
-        self.endpoint: RingEndpoint | None = None
-        self.target_vp = 0
-        self.gpadl_in_use: int | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.opened = 0   # how many times the guest opened it
-
-    def offer(self) -> m.OfferChannel:
-        return m.OfferChannel(
-            if_type=self.spec.if_type, if_instance=self.spec.if_instance,
-            chn_flags=self.spec.chn_flags, mmio_megabytes=0,
-            user_defined=self.spec.user_defined, sub_channel_index=0,
-            child_relid=self.relid, monitorid=self.monitorid if self.monitorid is not None else 0,
-            monitor_allocated=self.monitorid is not None, is_dedicated_interrupt=False,
-            connection_id=self.connection_id)
-
-    @property
-    def is_open(self) -> bool:
-        return self.endpoint is not None
-
-    async def receive(self) -> list[Packet]:
-        assert self.endpoint is not None
-        return await self.endpoint.receive()
-
-    async def send(self, ptype: int, flags: int, trans_id: int, payload: bytes) -> None:
-        assert self.endpoint is not None
-        await self.endpoint.send(ptype, flags, trans_id, payload)
 
 
 Handler = Callable[[bytes], Awaitable[None]]
@@ -121,7 +63,7 @@ class VmbusHost:
             monitorid = None
             if spec.monitor:
                 monitorid, next_monitor = next_monitor, next_monitor + 1
-            self.channels[relid] = HostChannel(self, spec, relid, monitorid)
+            self.channels[relid] = HostChannel(spec, relid, monitorid)
         self._table: dict[int, tuple[int, Handler]] = {
             m.MessageType.INITIATE_CONTACT: (m.InitiateContact.FMT.size, self._on_contact),
             m.MessageType.REQUESTOFFERS: (8, self._on_request_offers),

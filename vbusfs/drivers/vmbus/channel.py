@@ -8,16 +8,13 @@ at ``downstream_ringbuffer_pageoffset``.
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
+from vbusfs.drivers.vmbus.connection import OpenError, VmbusConnection
 from vbusfs.platform.doorbell import Doorbell
 from vbusfs.platform.memory import PAGE_SIZE
 from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
 from vbusfs.protocols.vmbus import messages as m
 from vbusfs.protocols.vmbus.ring import Ring, init_ring
-
-if TYPE_CHECKING:
-    from vbusfs.drivers.vmbus.bus import VmbusBus
 
 __all__ = ["ChannelState", "GuestChannel", "OpenError"]
 
@@ -31,13 +28,9 @@ class ChannelState(enum.IntEnum):
     OPENED = 3
 
 
-class OpenError(Exception):
-    pass
-
-
 class GuestChannel:
-    def __init__(self, bus: VmbusBus, offer: m.OfferChannel) -> None:
-        self.bus: VmbusBus = bus
+    def __init__(self, conn: VmbusConnection, offer: m.OfferChannel) -> None:
+        self.conn = conn
         self.offer: m.OfferChannel = offer
         self.relid: int = offer.child_relid
         self.state: ChannelState = ChannelState.OFFER
@@ -63,7 +56,7 @@ class GuestChannel:
             raise OpenError(f"relid {self.relid} is in state {self.state.name}")
         send_pages, recv_pages = send_bytes // PAGE_SIZE, recv_bytes // PAGE_SIZE
         total = send_pages + recv_pages
-        mem = self.bus.memory
+        mem = self.conn.memory
         pfn = mem.alloc(total)
         out_view = mem.view(pfn, send_pages)
         in_view = mem.view(pfn + send_pages, recv_pages)
@@ -72,22 +65,22 @@ class GuestChannel:
         self.state = ChannelState.OPENING
         # The interrupt must be routed before OPENCHANNEL: the host may send at once, and a
         # doorbell keeps the event pending until the channel's pump first waits on it.
-        self.bus.synic.guest_interrupts[self.relid] = self.doorbell
+        self.conn.synic.guest_interrupts[self.relid] = self.doorbell
         try:
-            self.gpadl = await self.bus.create_gpadl(self.relid, list(range(pfn, pfn + total)))
+            self.gpadl = await self.conn.create_gpadl(self.relid, list(range(pfn, pfn + total)))
             openid = self.relid
-            await self.bus.open_channel(m.OpenChannel(self.relid, openid, self.gpadl,
+            await self.conn.open_channel(m.OpenChannel(self.relid, openid, self.gpadl,
                                                       self.target_cpu, send_pages))
         except BaseException:
-            self.bus.synic.guest_interrupts.pop(self.relid, None)
+            self.conn.synic.guest_interrupts.pop(self.relid, None)
             self.state = ChannelState.OPEN
             if self.gpadl:
-                await self.bus.teardown_gpadl(self.relid, self.gpadl)
+                await self.conn.teardown_gpadl(self.relid, self.gpadl)
                 self.gpadl = 0
             mem.free(pfn, total)
             raise
         self._ring_pfn, self._ring_pages = pfn, total
-        synic, conn = self.bus.synic, self.sig_event
+        synic, conn = self.conn.synic, self.sig_event
 
         def signal_host() -> None:
             synic.signal_event(conn)   # vmbus_setevent: HvSignalEvent(sig_event)
@@ -100,13 +93,13 @@ class GuestChannel:
         """``vmbus_close``: CLOSECHANNEL, tear the GPADL down, free the rings."""
         if self.state != ChannelState.OPENED:
             return
-        self.bus.synic.guest_interrupts.pop(self.relid, None)
+        self.conn.synic.guest_interrupts.pop(self.relid, None)
         self.endpoint = None
         if not self.rescinded:
-            self.bus.post(m.CloseChannel(self.relid).pack())
-            await self.bus.teardown_gpadl(self.relid, self.gpadl)
+            self.conn.post(m.CloseChannel(self.relid).pack())
+            await self.conn.teardown_gpadl(self.relid, self.gpadl)
         self.gpadl = 0
-        self.bus.memory.free(self._ring_pfn, self._ring_pages)
+        self.conn.memory.free(self._ring_pfn, self._ring_pages)
         self._ring_pfn = self._ring_pages = 0
         self.state = ChannelState.OPEN
 

@@ -1,4 +1,5 @@
-"""Guest-side ``hv_utils``: answers integration-component requests on util channels.
+"""Guest-side ``hv_utils``: the driver of the util channels, answering integration-component
+requests on them.
 
 Like Linux ``drivers/hv/hv_util.c``: the host speaks first; the guest answers every negotiate
 request with ``vmbus_prep_negotiate_resp`` semantics and every heartbeat with ``seq_num + 1``,
@@ -12,13 +13,16 @@ from __future__ import annotations
 import logging
 import struct
 
+from vbusfs.drivers.vmbus.device import VmbusDevice
+from vbusfs.drivers.vmbus.driver import VmbusDriver, ring_size
+from vbusfs.platform.memory import PAGE_SIZE
 from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
 from vbusfs.protocols.vmbus import hv_ic
 from vbusfs.protocols.vmbus.ring import PacketType
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UtilService", "SERVICE_VERSIONS"]
+__all__ = ["HvUtils", "UtilService", "SERVICE_VERSIONS"]
 
 HV_E_FAIL = 0x80004005
 FW_VERSIONS = [(3, 0), (1, 0)]
@@ -68,3 +72,20 @@ class UtilService:
         else:
             struct.pack_into("<I", buf, hv_ic.PIPE.size + 12, HV_E_FAIL)
         return buf
+
+
+class HvUtils(VmbusDriver):
+    """``hv_utils``: 3-page rings each way (``HV_UTIL_RING_SEND_SIZE``/``_RECV_SIZE``), and
+    the IC protocol of the device's service on the open channel."""
+
+    def __init__(self) -> None:
+        super().__init__("hv_utils", ring_size(3 * PAGE_SIZE), ring_size(3 * PAGE_SIZE))
+
+    async def serve(self, dev: VmbusDevice, ep: RingEndpoint) -> None:
+        cls = dev.device_class
+        if cls is None or cls.type not in SERVICE_VERSIONS:     # a dynamic id: drain
+            await super().serve(dev, ep)
+            return
+        service = UtilService(cls.type)
+        dev.drvdata = service
+        await service.run(ep)

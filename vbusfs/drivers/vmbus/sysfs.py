@@ -8,24 +8,23 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+import uuid
+from collections.abc import Callable
 
+from vbusfs.drivers.vmbus.device import VmbusDevice
 from vbusfs.protocols.guid import guid_braced, guid_modalias_hex, parse_guid
 from vbusfs.protocols.vmbus import messages as m
 from vbusfs.protocols.vmbus.ring import Ring
-from vbusfs.sysfs import Attr, Attribute, Group, add_group
+from vbusfs.sysfs import Attr, Attribute, Directory, Group, add_group
+from vbusfs.sysfs.driver_core import Bus
 from vbusfs.sysfs.nodes import ATTR_SIZE
 
-if TYPE_CHECKING:
-    from vbusfs.drivers.vmbus.bus import VmbusBus, VmbusDevice
-
-__all__ = ["add_bus_files", "add_device_files", "uevent", "DEVICE_GROUP", "CHANNEL_GROUP"]
-
+__all__ = ["add_bus_files", "add_driver_files", "add_device_files", "uevent", "DEVICE_GROUP",
+           "CHANNEL_GROUP"]
 
 
 def _monitor(dev: VmbusDevice, page: int, offset_of: Callable[[int], int], fmt: str) -> str:
-    mem = dev.bus.memory.view(dev.bus.monitor_pfns[page])
+    mem = dev.conn.memory.view(dev.conn.monitor_pfns[page])
     (value,) = struct.unpack_from(fmt, mem, offset_of(dev.offer.monitorid))
     return f"{value}\n"
 
@@ -113,7 +112,7 @@ async def _store_cpu(d: VmbusDevice, text: str) -> None:
         cpu = int(text.strip(), 10)
     except ValueError:
         raise OSError(errno.EINVAL, f"not a CPU number: {text.strip()!r}") from None
-    await d.bus.set_target_cpu(d, cpu)
+    await d.set_target_cpu(cpu)
 
 
 CHANNEL_GROUP: Group[VmbusDevice] = Group(attrs=(
@@ -148,28 +147,29 @@ def add_device_files(dev: VmbusDevice) -> None:
     add_group(chan_dir, dev, CHANNEL_GROUP)
 
 
-def _dynid_store(bus: VmbusBus, driver: str, add: bool) -> Callable[[str], None]:
+def _dynid_store(dynids: set[uuid.UUID], add: bool) -> Callable[[str], None]:
     def store(text: str) -> None:
         try:
             guid = parse_guid(text)
         except ValueError as e:
             raise OSError(errno.EINVAL, str(e)) from None
-        ids = bus.dynamic_ids.setdefault(driver, set())
         if add:
-            if guid in ids:
+            if guid in dynids:
                 raise OSError(errno.EEXIST, f"{guid} is already a dynamic id")
-            ids.add(guid)
+            dynids.add(guid)
         else:
-            if guid not in ids:
+            if guid not in dynids:
                 raise OSError(errno.ENODEV, f"{guid} is not a dynamic id")
-            ids.discard(guid)
+            dynids.discard(guid)
     return store
 
 
-def add_bus_files(bus: VmbusBus, drivers: Iterable[str]) -> None:
-    """``/sys/bus/vmbus/hibernation`` and each driver's ``new_id``/``remove_id``."""
-    bus.sysfs.dir.add(Attribute("hibernation", lambda: "0\n"))
-    for name in drivers:
-        drv = bus.sysfs.driver(name)
-        drv.dir.add(Attribute("new_id", None, _dynid_store(bus, name, True)))
-        drv.dir.add(Attribute("remove_id", None, _dynid_store(bus, name, False)))
+def add_bus_files(bus: Bus) -> None:
+    """``/sys/bus/vmbus/hibernation``."""
+    bus.dir.add(Attribute("hibernation", lambda: "0\n"))
+
+
+def add_driver_files(drv_dir: Directory, dynids: set[uuid.UUID]) -> None:
+    """A driver's ``new_id`` and ``remove_id`` (its dynamic ids)."""
+    drv_dir.add(Attribute("new_id", None, _dynid_store(dynids, True)))
+    drv_dir.add(Attribute("remove_id", None, _dynid_store(dynids, False)))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -43,7 +42,7 @@ from vbusfs.sysfs import Directory, Tree
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlkifTransport", "BlkfrontEnv", "blkfront_driver", "MAX_RING_PAGE_ORDER",
+__all__ = ["BlkifTransport", "BlkfrontEnv", "BlkfrontDriver", "MAX_RING_PAGE_ORDER",
            "MAX_INDIRECT_SEGMENTS"]
 
 MAX_RING_PAGE_ORDER = 4          # XENBUS_MAX_RING_GRANT_ORDER
@@ -165,11 +164,26 @@ class BlkifTransport:
             self.env.evtchn.send(self.env.domid, self.port)
 
 
-def blkfront_driver(env: BlkfrontEnv) -> Callable[[XenbusDevice],
-                                                  Callable[..., Awaitable[None]]]:
-    def bind(dev: XenbusDevice) -> Callable[..., Awaitable[None]]:
-        return Blkfront(env, dev).run
-    return bind
+class BlkfrontDriver:
+    """``xen-blkfront`` as a xenbus driver: it takes ``vbd`` devices."""
+
+    name = "vbd"
+    module = "xen_blkfront"
+
+    def __init__(self, env: BlkfrontEnv) -> None:
+        self.env = env
+
+    def match(self, dev: XenbusDevice) -> bool:
+        return dev.devtype == "vbd"
+
+    async def probe(self, dev: XenbusDevice, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await Blkfront(self.env, dev).run(task_status=task_status)
+
+    async def remove(self, dev: XenbusDevice) -> None:
+        front = dev.drvdata
+        if isinstance(front, Blkfront):
+            await front.close()
 
 
 class Blkfront:
@@ -232,7 +246,6 @@ class Blkfront:
                 await self._talk_to_blkback()
                 await self._wait_backend(State.CONNECTED)
                 await self._connect()
-                dev.close = self.close
                 nursery.start_soon(self._interrupt)
                 task_status.started()
                 await self._closed.wait()

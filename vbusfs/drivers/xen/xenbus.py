@@ -2,12 +2,13 @@
 
 Frontend devices are found under the domain's ``device/<type>/<id>`` — at start and later
 through a watch — and named ``<type>-<id>`` directly under ``/sys/devices``; a device whose
-xenstore ``state`` reads Initialising is probed by the driver for its type, and removed
-(driver first) when its directory disappears. The backend bus lists
-``backend/<type>/<domid>/<id>`` of the backend domain as ``<type>-<domid>-<id>`` under
-``/sys/devices/xen-backend`` (reference/sysfs.md §2.1). Attributes are computed from live
-state: a frontend's ``state`` is its own xenbus state, a backend's the value its watch last
-read.
+xenstore ``state`` reads Initialising is probed by the first registered driver that matches
+it (:class:`~vbusfs.drivers.core.DriverTable`; xenbus drivers match by devtype), and removed
+(driver first: Closing → Closed with the backend) when its directory disappears. The
+backend bus lists ``backend/<type>/<domid>/<id>`` of the backend domain as
+``<type>-<domid>-<id>`` under ``/sys/devices/xen-backend`` (reference/sysfs.md §2.1).
+Attributes are computed from live state: a frontend's ``state`` is its own xenbus state, a
+backend's the value its watch last read.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
+from vbusfs.drivers.core import Driver, DriverTable
 from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.protocols.xen.xenbus import State, strstate
@@ -27,7 +29,7 @@ from vbusfs.sysfs.driver_core import Bus
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XenBus", "XenbusDevice", "FrontendDriver", "XENBUS_GROUP"]
+__all__ = ["XenBus", "XenbusDevice", "XENBUS_GROUP"]
 
 CLOSE_DEADLINE = 5.0      # xenbus waits this long for the other end when closing
 
@@ -44,11 +46,8 @@ class XenbusDevice:
     port: int = 0                    # event channel, once a driver binds one
     spurious_threshold: int = 1
     dir: Directory | None = None
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    close: Callable[[], Awaitable[None]] | None = None   # set by the bound driver
-    bound: bool = False
-    drvdata: object = None                               # dev_set_drvdata
-    gone: trio.Event = field(default_factory=trio.Event)
+    driver: str | None = None        # the bound driver's name
+    drvdata: object = None           # dev_set_drvdata
 
     @property
     def name(self) -> str:
@@ -102,9 +101,6 @@ XENBUS_STATS_GROUP: Group[XenbusDevice] = Group([
     Attr("spurious_threshold", lambda d: f"{d.spurious_threshold}\n", _store_threshold),
 ], subdir="xenbus")
 
-#: a driver runs a device for its lifetime: it calls task_status.started() once connected
-FrontendDriver = Callable[[XenbusDevice], Callable[..., Awaitable[None]]]
-
 
 @dataclass
 class _BackendDev:
@@ -117,21 +113,33 @@ class _BackendDev:
 
 class XenBus:
     def __init__(self, tree: Tree, client: XenstoreClient, evtchn: EventChannels, domid: int,
-                 drivers: dict[str, FrontendDriver], backend_domid: int = 0) -> None:
+                 backend_domid: int = 0) -> None:
         self.tree = tree
         self.client = client
         self.evtchn = evtchn
         self.domid = domid
-        self.drivers = drivers
         self.backend_domid = backend_domid
         self.bus = Bus(tree, "xen")
         self.backend_bus = Bus(tree, "xen-backend")
-        for name in drivers:
-            self.bus.driver(name, f"xen_{name}front" if name != "vbd" else "xen_blkfront")
+        self.drivers = DriverTable[XenbusDevice](self.bus, self._add_stats, self._drop_stats)
         self.devices: dict[str, XenbusDevice] = {}
         self.backends: dict[str, _BackendDev] = {}
         self._nursery: trio.Nursery | None = None
         self.probe_failures: list[str] = []     # names of devices whose probe failed
+
+    def register(self, drv: Driver[XenbusDevice]) -> None:
+        """``xenbus_register_frontend``."""
+        self.drivers.register(drv)
+
+    @staticmethod
+    def _add_stats(dev: XenbusDevice) -> None:
+        assert dev.dir is not None
+        add_group(dev.dir, dev, XENBUS_STATS_GROUP)
+
+    @staticmethod
+    def _drop_stats(dev: XenbusDevice) -> None:
+        if dev.dir is not None and "xenbus" in dev.dir.children:
+            dev.dir.remove("xenbus")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -187,59 +195,28 @@ class XenBus:
         dev.dir = self.tree.root.makedirs("sys/devices").mkdir(dev.name)
         add_group(dev.dir, dev, XENBUS_GROUP)
         self.bus.add_device(dev.dir, lambda: f"MODALIAS=xen:{devtype}\n")
-        driver = self.drivers.get(devtype)
+        driver = self.drivers.match(dev)
         if driver is None or dev.state != State.INITIALISING:
             return      # Linux probes only a device whose state reads Initialising
         assert self._nursery is not None
         try:
-            await self._nursery.start(self._drive, dev, driver)
+            await self.drivers.bind(self._nursery, dev, driver)
         except Exception as e:
             self.probe_failures.append(f"{dev.name} ({e})")
             log.warning("xenbus: probe of %s failed: %s", dev.name, e)
 
-    async def _drive(self, dev: XenbusDevice, driver: FrontendDriver, *,
-                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        assert dev.dir is not None
-        started = False
-        dev.bound = True
-
-        async def run() -> None:
-            nonlocal started
-            async with trio.open_nursery() as n:
-                await n.start(driver(dev))
-                started = True
-                self.bus.bind(dev.name, dev.devtype)
-                add_group(dev.dir, dev, XENBUS_STATS_GROUP)   # type: ignore[arg-type]
-                task_status.started()
-
-        try:
-            with dev.scope:
-                await run()
-        finally:
-            if started and dev.name in self.bus.devices_by_name:
-                self.bus.unbind(dev.name)
-                if dev.dir is not None and "xenbus" in dev.dir.children:
-                    dev.dir.remove("xenbus")
-            dev.gone.set()
-
     async def _remove(self, name: str) -> None:
         dev = self.devices.pop(name)
-        if dev.close is not None:
-            with trio.move_on_after(CLOSE_DEADLINE):
-                await dev.close()          # Closing → Closed with the backend
-        dev.scope.cancel()
-        if dev.bound:
-            await dev.gone.wait()
+        await self.drivers.unbind(dev, CLOSE_DEADLINE)     # Closing → Closed with the backend
         if name in self.bus.devices_by_name:
             self.bus.remove_device(name)
 
     async def close_all(self, deadline: float) -> None:
-        """Shutdown: ask every driver to close its device, in parallel, within ``deadline``."""
-        with trio.move_on_after(deadline):
-            async with trio.open_nursery() as n:
-                for dev in self.devices.values():
-                    if dev.close is not None:
-                        n.start_soon(dev.close)
+        """Shutdown: unbind every device (its driver closes it), in parallel, each within
+        ``deadline``."""
+        async with trio.open_nursery() as n:
+            for dev in self.devices.values():
+                n.start_soon(self.drivers.unbind, dev, deadline)
 
     # -- the backend bus --------------------------------------------------------------------
     async def _scan_backends(self) -> None:

@@ -1,0 +1,25 @@
+"""The VMBus drivers a Linux guest binds, for whoever assembles a machine to register
+(``for drv in linux_drivers(): bus.register(drv)``); the bus itself knows none of them.
+Ring sizes follow the Linux drivers' defaults."""
+
+from __future__ import annotations
+
+from vbusfs.drivers.vmbus.driver import VmbusDriver, ring_size
+from vbusfs.drivers.vmbus.hv_utils import HvUtils
+from vbusfs.platform.memory import PAGE_SIZE
+
+__all__ = ["linux_drivers"]
+
+
+def linux_drivers() -> list[VmbusDriver]:
+    """A fresh set (drivers keep per-bus state: dynamic ids, bound devices)."""
+    return [
+        HvUtils(),
+        VmbusDriver("hv_storvsc", ring_size(128 * 1024), ring_size(128 * 1024)),
+        VmbusDriver("hv_netvsc", ring_size(128 * PAGE_SIZE), ring_size(128 * PAGE_SIZE)),
+        VmbusDriver("hyperv_keyboard", ring_size(36 * 1024), ring_size(36 * 1024)),
+        VmbusDriver("hid_hyperv", ring_size(36 * 1024), ring_size(36 * 1024)),
+        VmbusDriver("hyperv_fb", 256 * 1024, 256 * 1024),
+        VmbusDriver("hv_balloon", ring_size(16 * 1024), ring_size(16 * 1024)),
+        VmbusDriver("hv_pci", ring_size(16 * 1024), ring_size(16 * 1024)),
+    ]

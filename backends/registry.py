@@ -6,11 +6,10 @@ from collections.abc import Callable
 
 from backends.vmbus.channel import ChannelSpec, DeviceModel
 from backends.vmbus.devices import IC_SERVICES, IcDevice, IdleDevice
-from backends.xen.blkback import VbdSpec
 from vbusfs.config import Config
 from vbusfs.protocols.vmbus import messages as m
 
-__all__ = ["VMBUS_MODELS", "vmbus_channel_specs", "xen_vbd_specs"]
+__all__ = ["VMBUS_MODELS", "vmbus_channel_specs"]
 
 #: VMBUS_PIPE_TYPE_MESSAGE in the offer's user-defined area, and the offer flags a named-pipe
 #: IC channel carries (reference/hv-services.md §1.1)
@@ -40,12 +39,3 @@ def vmbus_channel_specs(config: Config) -> list[ChannelSpec]:
             chn_flags=_PIPE_FLAGS if is_ic else 0,
             user_defined=_PIPE_MODE_MESSAGE if is_ic else b""))
     return specs
-
-
-def xen_vbd_specs(config: Config) -> list[VbdSpec]:
-    if config.xen is None:
-        return []
-    return [VbdSpec(vdev=v.vdev, image=v.image, size=v.size, readonly=v.readonly,
-                    sector_size=v.sector_size, max_ring_page_order=v.max_ring_page_order,
-                    indirect_segments=v.indirect_segments, features=v.features, key=v.key)
-            for v in config.xen.vbds]

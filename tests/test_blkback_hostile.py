@@ -15,10 +15,11 @@ from pathlib import Path
 
 import trio
 
-from backends.xen.blkback import Blkback, VbdSpec
+from backends.xen.blkback import Blkback
 from backends.xen.toolstack import Toolstack
 from backends.xen.xenstore import Store
 from tests.conftest import Logs
+from vbusfs.config import VbdConfig
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantTable
@@ -39,7 +40,8 @@ class FakeFront:
         self.store = Store()
         self.image = tmp / "disk.img"
         self.image.write_bytes(random.Random(1).randbytes(DISK_SECTORS * 512))
-        self.spec = VbdSpec(parse_vdev("xvda"), self.image, 0, False, 512, 0, 64, features)
+        self.spec = VbdConfig(parse_vdev("xvda"), self.image, 0, False, 512, 0, 64, features,
+                              "xen.vbd[0]")
         ts = Toolstack(self.store, 1, "hostile", __import__("uuid").uuid4())
         ts.create_domain()
         ts.add_vbd(self.spec)

@@ -4,7 +4,17 @@ from pathlib import Path
 
 import pytest
 
-from vbusfs.config import ConfigError, derive_guid, load, load_default, parse_size
+from tests.conftest import ROOT
+from vbusfs.config import (
+    SECTIONS,
+    ConfigError,
+    derive_guid,
+    load,
+    load_default,
+    parse,
+    parse_size,
+    reference,
+)
 from vbusfs.protocols.vmbus import messages as m
 
 
@@ -85,3 +95,21 @@ def test_sizes() -> None:
     assert parse_size(4096) == 4096 and parse_size("2KiB") == 2048
     with pytest.raises(ValueError):
         parse_size("-1")
+
+
+def test_the_reference_is_generated_from_the_tables() -> None:
+    """docs/config.md is what the validation tables say (regenerate it with
+    ``python -m vbusfs.config > docs/config.md``)."""
+    assert (ROOT / "docs/config.md").read_text() == reference()
+
+
+def test_every_key_the_parser_takes_is_in_the_reference() -> None:
+    doc = (ROOT / "docs/config.md").read_text()
+    for section in SECTIONS:
+        assert f"## {section.heading}" in doc
+        for name in section.keys:
+            assert f"| `{name}` |" in doc
+    # and a key outside the tables is refused, naming it
+    with pytest.raises(ConfigError) as e:
+        parse({"machine": {"name": "x", "colour": "red"}}, Path("/tmp"), "<t>")
+    assert e.value.key == "machine.colour"

@@ -1,8 +1,10 @@
 """The machine config: TOML, validated completely before anything is built or mounted.
 
 Every problem is reported as :class:`ConfigError` with the key path that caused it
-(``vmbus.device[2].instance``). One table per section drives validation and the docs
-(docs/config.md): each row is a key, its type, its default, and a parser.
+(``vmbus.device[2].instance``). One table per section (:data:`SECTIONS`) drives both the
+validation and the reference, docs/config.md, which is generated from it
+(``python -m vbusfs.config > docs/config.md``; a test keeps the two equal): each row is a
+key, its types, its default, and how the reference describes it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 
@@ -23,7 +25,7 @@ from vbusfs.protocols.xen.xenbus import Vdev, parse_vdev
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "XenConfig",
            "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse", "DEFAULT_CONFIG",
-           "derive_guid", "parse_size"]
+           "derive_guid", "parse_size", "SECTIONS", "reference"]
 
 #: optional blkback features a disk may offer (reference/protocols.md §1.4)
 VBD_FEATURES = ("flush", "barrier", "discard", "persistent")
@@ -53,6 +55,8 @@ class VmbusDeviceConfig:
 
 @dataclass(frozen=True)
 class VbdConfig:
+    """One Xen virtual disk: what the toolstack writes and blkback serves."""
+
     vdev: Vdev
     image: Path
     size: int
@@ -121,55 +125,144 @@ def _no_unknown(key: str, table: dict[str, Any], allowed: dict[str, Any]) -> Non
             raise ConfigError(where, "unknown key (allowed: " + ", ".join(allowed) + ")")
 
 
-Row = tuple[type | tuple[type, ...], str, Any]   # type, description, default (... = required)
+class Key(NamedTuple):
+    """One row of a section's table."""
 
-MACHINE_KEYS: dict[str, Row] = {
-    "name": (str, "a machine name", ...),
-    "state_dir": (str, "a directory path", "state"),
-    "cpus": (int, "a vCPU count", 2),
-    "memory": ((str, int), "a size", "64M"),
-}
-VMBUS_KEYS: dict[str, Row] = {
-    "version": (str, "a VMBus version such as \"5.3\"", "5.3"),
-    "device": (list, "an array of tables", []),
-}
-VMBUS_DEVICE_KEYS: dict[str, Row] = {
-    "type": (str, "a device type", ...),
-    "instance": (str, "a GUID", None),
-    "monitor": (bool, "true or false", None),
-}
+    types: type | tuple[type, ...]
+    what: str              # for errors: "expected <what>"
+    default: Any           # ... = required
+    kind: str              # the reference's type column
+    doc: str               # the reference's meaning column
+    shown_default: str | None = None    # the reference's default column, when not the value
 
 
-XEN_KEYS: dict[str, Row] = {
-    "domid": (int, "a domain id", 1),
-    "uuid": (str, "a UUID", None),
-    "version": (str, "a Xen version such as \"4.17\"", "4.17"),
-    "vbd": (list, "an array of tables", []),
-}
-VBD_KEYS: dict[str, Row] = {
-    "vdev": ((str, int), "a virtual device such as \"xvda\" or 51712", ...),
-    "image": (str, "an image path", None),
-    "size": ((str, int), "a size", "1G"),
-    "readonly": (bool, "true or false", False),
-    "sector_size": (int, "512 or 4096", 512),
-    "max_ring_page_order": (int, "0 to 4", 4),
-    "indirect_segments": (int, "0 or 12 to 4096", 256),
-    "features": (list, "a list of feature names", list(VBD_FEATURES)),
-}
+@dataclass(frozen=True)
+class Section:
+    path: str              # "machine", "vmbus.device", ...
+    heading: str
+    intro: str
+    keys: dict[str, Key]
+    outro: str = ""
 
 
-def _section(key: str, table: Any, rows: dict[str, Row]) -> dict[str, Any]:
+MACHINE = Section("machine", "`[machine]` (required)", "", {
+    "name": Key(str, "a machine name", ..., "string", "machine name; seeds derived GUIDs"),
+    "state_dir": Key(str, "a directory path", "state", "string",
+                     "directory for runtime files (the `-d` log); relative to the config file "
+                     "(for the embedded default: `$VBUSFS_STATE`, else `/var/lib/vbusfs` as "
+                     "root, else `~/.local/state/vbusfs`)"),
+    "cpus": Key(int, "a vCPU count", 2, "integer 1–4096",
+                "vCPUs; storage/network channels are spread over them, the rest target CPU 0"),
+    "memory": Key((str, int), "a size", "64M", "size (`\"64M\"`, bytes)",
+                  "guest memory, at least 16M"),
+})
+VMBUS = Section("vmbus", "`[vmbus]`", "", {
+    "version": Key(str, "a VMBus version such as \"5.3\"", "5.3", "string",
+                   "newest VMBus protocol the host accepts (`2.4`, `3.0`, `4.0`, `4.1`, "
+                   "`5.0`–`5.3`)"),
+    "device": Key(list, "an array of tables", [], "array of tables",
+                  "the devices, offered in this order (relid 1, 2, ...)"),
+})
+VMBUS_DEVICE = Section("vmbus.device", "`[[vmbus.device]]`", "", {
+    "type": Key(str, "a device type", ..., "string",
+                "`" + " ".join(c.type for c in m.DEVICE_CLASSES) + "` (the Linux class GUIDs "
+                "of reference §1.5)"),
+    "instance": Key(str, "a GUID", None, "GUID string, braces optional",
+                    "instance GUID (the device directory name); when absent: blake3 of machine "
+                    "name, `vmbus`, type and the ordinal among devices of that type, as a "
+                    "version-4 GUID — stable across runs", "derived"),
+    "monitor": Key(bool, "true or false", None, "boolean",
+                   "whether the host allocates a monitor id (storage and network types by "
+                   "default)", "per type"),
+}, outro="Two devices with the same instance GUID are an error.")
+XEN = Section("xen", "`[xen]`", "Present (even empty) = the machine has a Xen bus: xenstored, "
+              "a toolstack and blkback in\ndomain 0, the guest in `domid`, and "
+              "`/sys/hypervisor`.", {
+    "domid": Key(int, "a domain id", 1, "integer", "the guest's domain id (1..32751)"),
+    "uuid": Key(str, "a UUID", None, "UUID string",
+                "`/vm/<uuid>` and `/sys/hypervisor/uuid`; blake3 of the machine name when "
+                "absent", "derived"),
+    "version": Key(str, "a Xen version such as \"4.17\"", "4.17", "string",
+                   "the Xen version `/sys/hypervisor/version/*` shows"),
+    "vbd": Key(list, "an array of tables", [], "array of tables", "the virtual disks"),
+})
+VBD = Section("xen.vbd", "`[[xen.vbd]]`", "", {
+    "vdev": Key((str, int), "a virtual device such as \"xvda\" or 51712", ...,
+                "string or integer",
+                "`xvda`…, `xvda2` (a partition vdev), or the number (`51712`); names from "
+                "`xvdq` on use the extended encoding `1<<28 \\| disk<<8`; `hd`/`sd` numbers "
+                "map to `xvd` names as blkfront does. Two disks with the same name are an "
+                "error."),
+    "image": Key(str, "an image path", None, "path",
+                 "the image, relative to `state_dir`; created sparse at `size` when it does "
+                 "not exist; locked while mounted (a second mount gets \"in use\")",
+                 "`<name>.img`"),
+    "size": Key((str, int), "a size", "1G", "size",
+                "the size of a new image (K/M/G/T); must be a multiple of `sector_size`. An "
+                "existing image keeps its size."),
+    "readonly": Key(bool, "true or false", False, "boolean",
+                    "a read-only disk (`info` 4, `ro` 1, `EROFS`); needs an existing image"),
+    "sector_size": Key(int, "512, 1024, 2048 or 4096", 512, "integer",
+                       "logical block size: 512, 1024, 2048 or 4096 (`sectors` stays in "
+                       "512-byte units)"),
+    "max_ring_page_order": Key(int, "0 to 4", 4, "integer",
+                               "blkback's `max-ring-page-order` (0..4); the ring is min(this, "
+                               "the frontend's 4)"),
+    "indirect_segments": Key(int, "0 or 12 to 4096", 256, "integer",
+                             "`feature-max-indirect-segments` (12..4096); `0` disables "
+                             "indirect requests"),
+    "features": Key(list, "a list of feature names", list(VBD_FEATURES), "list",
+                    "which of `flush`, `barrier`, `discard`, `persistent` blkback offers. "
+                    "Without `flush` and `barrier` the image is opened `O_DSYNC` and the "
+                    "queue says `write through`.", "all four"),
+})
+
+#: every section, in the order the reference lists them
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD)
+
+
+def _shown(key: Key) -> str:
+    if key.shown_default is not None:
+        return key.shown_default
+    if key.default is ...:
+        return "required"
+    if isinstance(key.default, bool):
+        return f"`{str(key.default).lower()}`"
+    if isinstance(key.default, str):
+        return f'`"{key.default}"`'
+    return f"`{key.default!r}`"
+
+
+def reference() -> str:
+    """docs/config.md, from the tables."""
+    out = ["# Machine config reference", "",
+           "TOML. Every key below is checked; anything else is an error naming its key path.",
+           "This page is generated from the tables in `vbusfs/config.py` "
+           "(`python -m vbusfs.config > docs/config.md`).", ""]
+    for s in SECTIONS:
+        out += [f"## {s.heading}", ""]
+        if s.intro:
+            out += [s.intro, ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| `{name}` | {k.kind} | {_shown(k)} | {k.doc} |" for name, k in s.keys.items()]
+        out += [""]
+        if s.outro:
+            out += [s.outro, ""]
+    return "\n".join(out)
+
+
+def _section(key: str, table: Any, section: Section) -> dict[str, Any]:
     _typed(key, table, dict, "a table")
-    _no_unknown(key, table, rows)
+    _no_unknown(key, table, section.keys)
     out: dict[str, Any] = {}
-    for name, (want, what, default) in rows.items():
+    for name, row in section.keys.items():
         sub = f"{key}.{name}" if key else name
         if name in table:
-            out[name] = _typed(sub, table[name], want, what)
-        elif default is ...:
+            out[name] = _typed(sub, table[name], row.types, row.what)
+        elif row.default is ...:
             raise ConfigError(sub, "missing (required)")
         else:
-            out[name] = default
+            out[name] = row.default
     return out
 
 
@@ -184,7 +277,7 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     _no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0})
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
-    mach = _section("machine", doc["machine"], MACHINE_KEYS)
+    mach = _section("machine", doc["machine"], MACHINE)
     name = mach["name"]
     if not name or "/" in name or name.strip() != name:
         raise ConfigError("machine.name", f"{name!r} is not a usable name")
@@ -197,7 +290,7 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     machine = MachineConfig(name, state_dir if state_dir.is_absolute() else base_dir / state_dir,
                             mach["cpus"], memory)
 
-    vm = _section("vmbus", doc.get("vmbus", {}), VMBUS_KEYS)
+    vm = _section("vmbus", doc.get("vmbus", {}), VMBUS)
     version = _convert("vmbus.version", m.Version.parse, vm["version"])
     if version < m.Version.WIN8:
         raise ConfigError("vmbus.version", "Linux guests need 2.4 (WIN8) or later")
@@ -207,7 +300,7 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     known = ", ".join(c.type for c in m.DEVICE_CLASSES)
     for i, raw in enumerate(vm["device"]):
         key = f"vmbus.device[{i}]"
-        dev = _section(key, raw, VMBUS_DEVICE_KEYS)
+        dev = _section(key, raw, VMBUS_DEVICE)
         cls = m.class_by_type(dev["type"])
         if cls is None:
             raise ConfigError(f"{key}.type", f"unknown device type {dev['type']!r} "
@@ -238,7 +331,7 @@ def _parse_version(text: str) -> tuple[int, int]:
 
 
 def _parse_xen(raw: Any, machine: MachineConfig) -> XenConfig:
-    x = _section("xen", raw, XEN_KEYS)
+    x = _section("xen", raw, XEN)
     if not 1 <= x["domid"] < 0x7FF0:
         raise ConfigError("xen.domid", f"{x['domid']} is not a guest domain id (1..32751)")
     dom_uuid = _convert("xen.uuid", parse_guid, x["uuid"]) if x["uuid"] else \
@@ -249,7 +342,7 @@ def _parse_xen(raw: Any, machine: MachineConfig) -> XenConfig:
     images: dict[Path, str] = {}
     for i, rawv in enumerate(x["vbd"]):
         key = f"xen.vbd[{i}]"
-        v = _section(key, rawv, VBD_KEYS)
+        v = _section(key, rawv, VBD)
         vdev = _convert(f"{key}.vdev", parse_vdev, v["vdev"])
         if vdev.name in seen:
             raise ConfigError(f"{key}.vdev", f"{vdev.name} is also {seen[vdev.name]}")
@@ -377,3 +470,7 @@ def default_state_root() -> Path:
 
 def load_default() -> Config:
     return parse(tomllib.loads(DEFAULT_CONFIG), default_state_root(), "<embedded default>")
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

@@ -20,7 +20,7 @@ from typing import Protocol
 import pyfuse3
 import trio
 
-from backends.registry import vmbus_channel_specs, xen_vbd_specs
+from backends.registry import vmbus_channel_specs
 from backends.vmbus.host import VmbusHost
 from backends.xen.blkback import Blkback
 from backends.xen.toolstack import Toolstack, version_info
@@ -141,7 +141,7 @@ class XenMachine:
         self.toolstack = Toolstack(self.store, cfg.domid, machine.config.machine.name,
                                    cfg.uuid)
         self.toolstack.create_domain()
-        self.specs = xen_vbd_specs(machine.config)
+        self.specs = cfg.vbds
         for spec in self.specs:
             self.toolstack.add_vbd(spec)
         self.blkbacks = [Blkback(self.store, self.grants, self.evtchn, mem, spec, cfg.domid)

@@ -31,42 +31,29 @@ import logging
 import math
 import operator
 from dataclasses import dataclass
-from pathlib import Path
 
 import trio
 
 from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.storage.raw import RawImage
 from backends.xen.xenstore import Store
+from vbusfs.config import VbdConfig
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantError, GrantTable
 from vbusfs.protocols.xen import blkif
 from vbusfs.protocols.xen.blkif import Op, Status
 from vbusfs.protocols.xen.ring import BackRing
-from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, State, Vdev
+from vbusfs.protocols.xen.xenbus import PROTOCOL_NATIVE, State
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Blkback", "VbdSpec", "MAX_PERSISTENT_GRANTS"]
+__all__ = ["Blkback", "MAX_PERSISTENT_GRANTS"]
 
 MAX_PERSISTENT_GRANTS = 1056           # Linux xen_blkif_max_pgrants default
 SECTORS_PER_PAGE = PAGE_SIZE // blkif.SECTOR
 _FULL_PAGES = bytes([SECTORS_PER_PAGE - 1]) * blkif.SEGMENTS_PER_INDIRECT_PAGE * \
     blkif.MAX_INDIRECT_PAGES
-
-
-@dataclass(frozen=True)
-class VbdSpec:
-    vdev: Vdev
-    image: Path
-    size: int                    # size of a newly created image, bytes
-    readonly: bool
-    sector_size: int
-    max_ring_page_order: int
-    indirect_segments: int
-    features: frozenset[str]
-    key: str = ""                # where it came from in the config
 
 
 class _Bad(Exception):
@@ -94,7 +81,7 @@ def _status(err: int) -> int:
 
 class Blkback:
     def __init__(self, store: Store, grants: GrantTable, evtchn: EventChannels,
-                 memory: GuestMemory, spec: VbdSpec, fe_domid: int = 1, domid: int = 0) -> None:
+                 memory: GuestMemory, spec: VbdConfig, fe_domid: int = 1, domid: int = 0) -> None:
         self.store = store
         self.grants = grants
         self.evtchn = evtchn

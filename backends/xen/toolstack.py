@@ -9,8 +9,8 @@ import uuid
 
 import trio
 
-from backends.xen.blkback import VbdSpec
 from backends.xen.xenstore import Store, domain_path
+from vbusfs.config import VbdConfig
 from vbusfs.platform.xen.hypercall import XenVersionInfo
 from vbusfs.protocols.xen.xenbus import State
 
@@ -54,12 +54,12 @@ class Toolstack:
         tx.write(f"{vm}/uuid", str(self.uuid))
         tx.end(commit=True)
 
-    def paths(self, spec: VbdSpec, backend_domid: int = 0) -> tuple[str, str]:
+    def paths(self, spec: VbdConfig, backend_domid: int = 0) -> tuple[str, str]:
         n = spec.vdev.number
         return (f"{domain_path(self.domid)}/device/vbd/{n}",
                 f"{domain_path(backend_domid)}/backend/vbd/{self.domid}/{n}")
 
-    def add_vbd(self, spec: VbdSpec, backend_domid: int = 0) -> None:
+    def add_vbd(self, spec: VbdConfig, backend_domid: int = 0) -> None:
         fe, be = self.paths(spec, backend_domid)
         tx = self.store.transaction()
         tx.write(f"{fe}/backend", be)
@@ -80,7 +80,7 @@ class Toolstack:
         tx.write(f"{be}/state", str(int(State.INITIALISING)))
         tx.end(commit=True)
 
-    async def remove_vbd(self, spec: VbdSpec, deadline: float = 10.0,
+    async def remove_vbd(self, spec: VbdConfig, deadline: float = 10.0,
                          backend_domid: int = 0) -> bool:
         """``xl block-detach``: offline the backend and ask it to close; once the frontend
         is Closed (or the deadline passes) remove both directories. True if it closed."""

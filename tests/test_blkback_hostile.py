@@ -19,7 +19,7 @@ from backends.xen.blkback import Blkback
 from backends.xen.toolstack import Toolstack
 from backends.xen.xenstore import Store
 from tests.conftest import Logs
-from vbusfs.config import VbdConfig
+from vbusfs.config.xen import VbdConfig
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantTable

@@ -37,7 +37,7 @@ import trio
 from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.storage.raw import RawImage
 from backends.xen.xenstore import Store
-from vbusfs.config import VbdConfig
+from vbusfs.config.xen import VbdConfig
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.platform.xen.grant_table import GrantError, GrantTable

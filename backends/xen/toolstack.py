@@ -10,7 +10,7 @@ import uuid
 import trio
 
 from backends.xen.xenstore import Store, domain_path
-from vbusfs.config import VbdConfig
+from vbusfs.config.xen import VbdConfig
 from vbusfs.platform.xen.hypercall import XenVersionInfo
 from vbusfs.protocols.xen.xenbus import State
 

@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mountctl.mounts import mount_fstype
+from vbusfs import CONTROL_DIR, FSTYPE
 
 if TYPE_CHECKING:
     from vbusfs.config import Config
 
 PROG = "mountctl"
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-CONTROL_DIR = ".vbusfs"      # vbusfs.service.CONTROL_DIR (not imported: keeps --help fast)
-FSTYPE = "fuse.vbusfs"
 
 
 class Verb(enum.Enum):
@@ -118,7 +117,8 @@ def _up(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
     if args.daemon:
         return _up_daemon(args, mnt, config)
-    from vbusfs.service import Machine, serve
+    from vbusfs.machine import Machine
+    from vbusfs.service import serve
 
     def ready() -> None:
         if args.ready_fd is not None:
@@ -156,6 +156,7 @@ def _up_daemon(args: argparse.Namespace, mnt: str, config: Config) -> int:
     cmd = [sys.executable, "-m", "mountctl"] + (["--debug"] if args.debug else []) + [
         "up", "--ready-fd", str(wfd)] + (["-c", args.config] if args.config else []) + [mnt]
     with open(logpath, "ab") as log:
+        start = log.tell()              # what an earlier start left in the log is not ours
         proc = subprocess.Popen(cmd, pass_fds=(wfd,), stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True)
     os.close(wfd)
@@ -165,16 +166,20 @@ def _up_daemon(args: argparse.Namespace, mnt: str, config: Config) -> int:
         print(f"vbusfs: {config.machine.name} mounted on {mnt} (pid {proc.pid}, log {logpath})")
         return EXIT_OK
     code = proc.wait()
-    tail = _tail(logpath)
+    tail = _tail(logpath, start)
     raise Failure(mnt, f"service exited with status {code} before it was ready" +
                   (f":\n{tail}" if tail else ""), code if code in (1, 2) else EXIT_FAILURE)
 
 
-def _tail(path: Path, lines: int = 5) -> str:
+def _tail(path: Path, start: int, lines: int = 5) -> str:
+    """The last ``lines`` lines written to ``path`` after byte ``start``."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _require_vbusfs(mnt: str) -> Path:

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from backends.xen.xenstore import Transaction
+from tests.conftest import Logs
 from tests.xen_rig import xen_machine
+from vbusfs.errors import single_errors
 
 
 async def _verify(disk: object, model: bytearray) -> None:
@@ -81,3 +84,28 @@ async def test_a_grant_the_backend_keeps_is_reported(tmp_path: Path,
         await rig.disk.write(0, b"z" * 4096)
         assert rig.front.transport.leaked_grants == 1
         assert g.mapped == rig.front.ring_pages + 1
+
+
+async def test_a_ring_transaction_that_never_commits_fails_the_connect(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs) -> None:
+    """Every attempt to publish the ring meets a racing writer (a real EAGAIN from xenstored):
+    after the last attempt the connect fails, saying why, and the frontend never announces
+    Initialised with keys that were never written."""
+    logs.expect(r"xenbus: probe of vbd-51712 failed: .*conflicted 10 times")
+    real_end = Transaction.end
+    attempts: list[int] = []
+
+    def racing_end(self: Transaction, commit: bool) -> None:
+        if commit and any(p.endswith("/ring-ref0") or p.endswith("/ring-ref")
+                          for p in self.accessed):
+            attempts.append(self.id)
+            fe = next(p for p in self.accessed if p.endswith("/event-channel"))
+            self.store.write(fe, "0")               # another writer got there first
+        real_end(self, commit)
+
+    monkeypatch.setattr(Transaction, "end", racing_end)
+    with pytest.raises(OSError) as e, single_errors():
+        async with xen_machine(tmp_path, size="1M"):
+            pass
+    assert "vbd-51712" in str(e.value) and "conflicted 10 times" in str(e.value)
+    assert len(attempts) == 10

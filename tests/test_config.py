@@ -26,20 +26,20 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_default_machine_is_a_gen2_guest() -> None:
     cfg = load_default()
-    types = [d.type for d in cfg.vmbus_devices]
+    types = [d.type for d in cfg.vmbus.devices]
     for want in ("shutdown", "timesync", "heartbeat", "kvp", "nic", "keyboard", "framebuffer",
                  "scsi"):
         assert want in types
-    scsi = next(d for d in cfg.vmbus_devices if d.type == "scsi")
+    scsi = next(d for d in cfg.vmbus.devices if d.type == "scsi")
     assert str(scsi.instance) == "f8b3781a-1e82-4818-a1c3-63d806ec15bb"   # Azure scsi0
-    assert cfg.vmbus_version == m.Version.WIN10_V5_3
+    assert cfg.vmbus.version == m.Version.WIN10_V5_3
 
 
 def test_minimal_config_and_relative_state_dir(tmp_path: Path) -> None:
     cfg = load(write(tmp_path, '[machine]\nname = "demo"\nstate_dir = "st"\n'
                                '[[vmbus.device]]\ntype = "heartbeat"\n'))
     assert cfg.machine.state_dir == tmp_path / "st"
-    (dev,) = cfg.vmbus_devices
+    (dev,) = cfg.vmbus.devices
     assert dev.instance == derive_guid("demo", "vmbus", "heartbeat", "0")
     assert dev.instance.version == 4
 
@@ -48,10 +48,10 @@ def test_derived_guids_are_stable_and_distinct(tmp_path: Path) -> None:
     text = '[machine]\nname = "demo"\n' + '[[vmbus.device]]\ntype = "nic"\n' * 2
     a = load(write(tmp_path, text))
     b = load(write(tmp_path, text))
-    assert [d.instance for d in a.vmbus_devices] == [d.instance for d in b.vmbus_devices]
-    assert a.vmbus_devices[0].instance != a.vmbus_devices[1].instance
+    assert [d.instance for d in a.vmbus.devices] == [d.instance for d in b.vmbus.devices]
+    assert a.vmbus.devices[0].instance != a.vmbus.devices[1].instance
     other = load(write(tmp_path, text.replace("demo", "other")))
-    assert other.vmbus_devices[0].instance != a.vmbus_devices[0].instance
+    assert other.vmbus.devices[0].instance != a.vmbus.devices[0].instance
 
 
 @pytest.mark.parametrize(("text", "key", "words"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -102,9 +103,35 @@ def test_mount_t_vbusfs(tmp_path: Path, state_env: dict[str, str]) -> None:
         assert mount_fstype(str(mnt)) == "fuse.vbusfs"
         assert len(os.listdir(mnt / "sys/bus/vmbus/devices")) == 2
         assert (mnt / ".vbusfs/machine").read_text() == "tiny\n"
+        # the service's own files, as the README lists them (no Xen bus: no block/)
+        assert sorted(os.listdir(mnt / ".vbusfs")) == [
+            "config", "control", "machine", "pid", "state_dir", "version", "vmbus_version"]
     finally:
         assert mountctl("down", str(mnt), env=state_env).returncode == 0
     deadline = time.monotonic() + 5
     while mount_fstype(str(mnt)) is not None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mount_fstype(str(mnt)) is None
+
+
+@pytest.mark.mount
+def test_a_failed_start_shows_only_its_own_error(tmp_path: Path,
+                                                 state_env: dict[str, str]) -> None:
+    """An image held by another process: `up -d` fails saying so, and a second attempt
+    says it once, without the lines the first attempt left in the log."""
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[machine]\nname = "locked"\nstate_dir = "st"\n'
+                   '[xen]\n[[xen.vbd]]\nvdev = "xvda"\nsize = "1M"\n')
+    (tmp_path / "st").mkdir()
+    image = tmp_path / "st/xvda.img"
+    image.write_bytes(bytes(1 << 20))
+    mp = tmp_path / "m"
+    mp.mkdir()
+    with open(image, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)             # another mount is using it
+        outs = [mountctl("up", "-d", "-c", str(cfg), str(mp), env=state_env)
+                for _ in range(2)]
+    for out in outs:
+        assert out.returncode == 1
+        assert out.stderr.count("is in use by another process") == 1, out.stderr
+    assert mount_fstype(str(mp)) is None

@@ -234,3 +234,18 @@ async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> Non
     pfn = rig.memory.alloc(2)
     assert await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1]) > 0
     assert rig.read(HB_INST, "state") == "3\n"
+
+
+async def test_a_gpadl_the_host_never_answers_is_a_clear_timeout(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    rig = await start_rig(nursery)
+
+    async def ignore(buf: bytes) -> None:           # a host that has stopped answering
+        pass
+
+    rig.host._table[m.MessageType.GPADL_HEADER] = (28, ignore)
+    pfn = rig.memory.alloc(2)
+    with pytest.raises(OSError) as e:
+        await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1])
+    assert e.value.errno == errno.ETIMEDOUT
+    assert "GPADL_CREATED" in str(e.value)

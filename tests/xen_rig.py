@@ -15,8 +15,8 @@ import trio
 from vbusfs.block.gendisk import Disk
 from vbusfs.config import parse
 from vbusfs.drivers.xen.blkfront import Blkfront
+from vbusfs.machine.xen import XenMachine
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.service import XenMachine
 from vbusfs.sysfs import Tree
 
 
@@ -43,9 +43,9 @@ async def xen_machine(state_dir: Path, ring_start: int = 0, pool_pages: int = 0,
     tree.root.makedirs("sys/devices")
     tree.root.dir("dev")
     memory = GuestMemory(cfg.machine.memory)
-    parts = SimpleNamespace(config=cfg, memory=memory, tree=tree)
     control = tree.root.makedirs(".vbusfs/block")
-    xm = XenMachine(parts, control)   # type: ignore[arg-type]
+    assert cfg.xen is not None
+    xm = XenMachine(cfg.xen, cfg.machine, memory, tree, control)
     xm.env.ring_start = ring_start
     if pool_pages:
         xm.env.pool_pages = pool_pages

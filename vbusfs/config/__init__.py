@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,18 @@ from vbusfs.config.common import (
     parse_machine,
     parse_size,
 )
-from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusDeviceConfig, parse_vmbus
+from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusConfig, VmbusDeviceConfig, parse_vmbus
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
-from vbusfs.protocols.vmbus import messages as m
 
-__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusDeviceConfig", "XenConfig",
-           "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse", "DEFAULT_CONFIG",
-           "derive_guid", "parse_size", "SECTIONS", "reference"]
+__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
+           "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
+           "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference"]
 
 
 @dataclass(frozen=True)
 class Config:
     machine: MachineConfig
-    vmbus_version: m.Version
-    vmbus_devices: tuple[VmbusDeviceConfig, ...] = field(default=())
+    vmbus: VmbusConfig
     source: str = "<embedded default>"
     xen: XenConfig | None = None
 
@@ -82,9 +80,9 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
     machine = parse_machine(doc["machine"], base_dir)
-    version, devices = parse_vmbus(doc.get("vmbus", {}), machine)
+    vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
-    return Config(machine, version, devices, source, xen)
+    return Config(machine, vmbus, source, xen)
 
 
 def load(path: str | os.PathLike[str]) -> Config:

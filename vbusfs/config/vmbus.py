@@ -18,7 +18,7 @@ from vbusfs.config.common import (
 from vbusfs.protocols.guid import parse_guid
 from vbusfs.protocols.vmbus import messages as m
 
-__all__ = ["VmbusDeviceConfig", "VMBUS", "VMBUS_DEVICE", "parse_vmbus"]
+__all__ = ["VmbusConfig", "VmbusDeviceConfig", "VMBUS", "VMBUS_DEVICE", "parse_vmbus"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,12 @@ class VmbusDeviceConfig:
     instance: uuid.UUID
     monitor: bool
     key: str          # where it came from, e.g. "vmbus.device[3]"
+
+
+@dataclass(frozen=True)
+class VmbusConfig:
+    version: m.Version                                  # the newest the host accepts
+    devices: tuple[VmbusDeviceConfig, ...] = ()        # offered in this order
 
 
 VMBUS = Section("vmbus", "`[vmbus]`", "", {
@@ -50,8 +56,7 @@ VMBUS_DEVICE = Section("vmbus.device", "`[[vmbus.device]]`", "", {
 }, outro="Two devices with the same instance GUID are an error.")
 
 
-def parse_vmbus(raw: Any, machine: MachineConfig
-                ) -> tuple[m.Version, tuple[VmbusDeviceConfig, ...]]:
+def parse_vmbus(raw: Any, machine: MachineConfig) -> VmbusConfig:
     """``[vmbus]`` and its ``[[vmbus.device]]`` tables."""
     name = machine.name
     vm = section("vmbus", raw, VMBUS)
@@ -83,4 +88,4 @@ def parse_vmbus(raw: Any, machine: MachineConfig
         devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key))
     if len(devices) > 128 and sum(d.monitor for d in devices) > 128:
         raise ConfigError("vmbus.device", "more than 128 monitored channels")
-    return version, tuple(devices)
+    return VmbusConfig(version, tuple(devices))

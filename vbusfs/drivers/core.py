@@ -26,6 +26,7 @@ from typing import Generic, Protocol, TypeVar
 
 import trio
 
+from vbusfs.errors import single_errors
 from vbusfs.sysfs.driver_core import Bus
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class DriverTable(Generic[D]):
             task_status.started()
 
         try:
-            with b.scope:
+            with b.scope, single_errors():     # a failed probe reports its own error
                 await drv.probe(dev, task_status=_Ready(ready))
         finally:
             if started:

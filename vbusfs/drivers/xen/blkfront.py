@@ -49,6 +49,7 @@ MAX_RING_PAGE_ORDER = 4          # XENBUS_MAX_RING_GRANT_ORDER
 MAX_INDIRECT_SEGMENTS = 256      # what this frontend asks for at most
 POOL_PAGES = 1024                # data pages per disk (4 MiB); more in flight waits
 DRAIN_DEADLINE = 5.0
+TRANSACTION_ATTEMPTS = 10         # xenstore EAGAINs in a row before connect gives up
 _M32 = 0xFFFFFFFF
 
 
@@ -277,7 +278,7 @@ class Blkfront:
         dev.port = self.port
         persistent = await self._be_int("feature-persistent", 0)
         node = dev.nodename
-        for _attempt in range(10):
+        for _attempt in range(TRANSACTION_ATTEMPTS):
             try:
                 async with self.client.transaction() as tx:
                     if self.ring_pages == 1:
@@ -293,6 +294,9 @@ class Blkfront:
             except OSError as e:
                 if e.errno != errno.EAGAIN:
                     raise
+        else:                 # never committed: the backend must not see a half-set node
+            raise OSError(errno.EAGAIN, f"{node}: the xenstore transaction publishing the "
+                          f"ring conflicted {TRANSACTION_ATTEMPTS} times in a row; giving up")
         await dev.switch_state(State.INITIALISED)
 
     async def _connect(self) -> None:

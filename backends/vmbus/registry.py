@@ -1,12 +1,13 @@
-"""The one explicit map from config device types to host-side device models."""
+"""The one explicit map from VMBus config device types to host-side device models, and
+the channel offers the config asks for."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from backends.vmbus.channel import ChannelSpec, DeviceModel
 from backends.vmbus.devices import IC_SERVICES, IcDevice, IdleDevice
-from vbusfs.config import Config
+from vbusfs.config.vmbus import VmbusDeviceConfig
 from vbusfs.protocols.vmbus import messages as m
 
 __all__ = ["VMBUS_MODELS", "vmbus_channel_specs"]
@@ -27,9 +28,9 @@ VMBUS_MODELS: dict[str, Callable[[], DeviceModel]] = {
 }
 
 
-def vmbus_channel_specs(config: Config) -> list[ChannelSpec]:
+def vmbus_channel_specs(devices: Sequence[VmbusDeviceConfig]) -> list[ChannelSpec]:
     specs = []
-    for dev in config.vmbus_devices:
+    for dev in devices:
         cls = m.class_by_type(dev.type)
         assert cls is not None  # config validation guarantees it
         is_ic = dev.type in IC_SERVICES

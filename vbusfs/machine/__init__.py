@@ -1,0 +1,85 @@
+"""One emulated machine: both halves of every bus it has, wired together (design.md §1).
+
+A bus's host side (``backends``) and guest side (``vbusfs.drivers``) meet only in the
+machine's guest memory and the bus's own hypervisor parts; each bus is assembled in its own
+module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`), and this one holds
+what they share: the config, guest memory, the tree, and the service's control files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from vbusfs import CONTROL_DIR, __version__
+from vbusfs.config import Config
+from vbusfs.machine.vmbus import VmbusMachine
+from vbusfs.machine.xen import XenMachine
+from vbusfs.platform.memory import GuestMemory
+from vbusfs.sysfs import Attribute, Tree
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Machine", "SHUTDOWN_DEADLINE"]
+
+SHUTDOWN_DEADLINE = 10.0
+
+
+class Machine:
+    """Both halves of one emulated machine, wired together but not yet running."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.memory = GuestMemory(config.machine.memory)
+        self.tree = Tree()
+        self.tree.root.makedirs("sys/devices")
+        self.tree.root.dir("dev")
+        self.control = self.tree.root.mkdir(CONTROL_DIR)
+        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree)
+        self.xen: XenMachine | None = None
+        if config.xen is not None:
+            self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,
+                                  self.control.mkdir("block"))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run the hosts and bring the guest up: ``started`` once the guest is fully probed;
+        then keep everything running until cancelled."""
+        async with trio.open_nursery() as nursery:
+            await self.vmbus.start(nursery)
+            if self.xen is not None:
+                await self.xen.start(nursery)
+            task_status.started()
+
+    async def stop(self) -> None:
+        """The guest's orderly shutdown: close every disk and channel, within a deadline."""
+        with trio.move_on_after(SHUTDOWN_DEADLINE):
+            if self.xen is not None:
+                await self.xen.xenbus.close_all(SHUTDOWN_DEADLINE / 2)
+            await self.vmbus.bus.unload()
+
+    def add_control_files(self, request_stop: Callable[[], None]) -> None:
+        ctl = self.control
+        cfg = self.config
+
+        def store_control(text: str) -> None:
+            if text.strip() != "shutdown":
+                raise OSError(errno.EINVAL, "control takes 'shutdown'")
+            request_stop()
+
+        conn = self.vmbus.bus.conn
+        ctl.add(Attribute("machine", lambda: cfg.machine.name + "\n"))
+        ctl.add(Attribute("pid", lambda: f"{os.getpid()}\n"))
+        ctl.add(Attribute("version", lambda: __version__ + "\n"))
+        ctl.add(Attribute("config", lambda: cfg.source + "\n"))
+        ctl.add(Attribute("state_dir", lambda: f"{cfg.machine.state_dir}\n"))
+        ctl.add(Attribute("vmbus_version", lambda: (
+            conn.version.text if conn.version else "disconnected") + "\n"))
+        ctl.add(Attribute("control", None, store_control))
+
+    def close(self) -> None:
+        self.memory.close()

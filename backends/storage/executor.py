@@ -87,8 +87,6 @@ class ImageExecutor:
         is over (the executor is :attr:`busy` until then). True: all were done at once.
         Must not be called while :attr:`busy`."""
         assert not self.busy, "submit while a batch is out"
-        for r in reqs:
-            r.status = self._check(r)
         n = self._run_inline(reqs)
         if n:
             done(reqs[:n] if n < len(reqs) else reqs)
@@ -116,7 +114,7 @@ class ImageExecutor:
         self.worker.close()
 
     # -- checks ----------------------------------------------------------------------------
-    def _check(self, r: Request) -> int:
+    def _refused(self, r: Request) -> int:
         """The errno a request fails with before it reaches the image, or 0."""
         img = self.image
         if r.offset < 0 or r.length < 0 or r.offset + r.length > img.size or \
@@ -132,15 +130,20 @@ class ImageExecutor:
 
     # -- inline (the event loop) -------------------------------------------------------------
     def _run_inline(self, reqs: Sequence[Request]) -> int:
-        """Do the leading reads of ``reqs`` that the page cache can satisfy at once (and the
-        leading requests already failed); returns how many are done. The first request that
-        would block stops it: what follows runs on the I/O thread, still in order."""
+        """Check and do the leading reads of ``reqs`` that the page cache can satisfy at
+        once; returns how many are done. The first request that is not such a read stops
+        it: it and what follows run on the I/O thread (checked there), still in order."""
+        if not self._nowait:
+            return 0
         img = self.image
+        size = img.size
         for i, r in enumerate(reqs):
-            if r.status:
-                continue
-            if r.op != StorageOp.READ or r.preflush or not self._nowait:
+            if r.op != StorageOp.READ or r.preflush:
                 return i
+            off, n = r.offset, r.length
+            if off < 0 or n < 0 or off + n > size or sum(map(len, r.iov)) != n:
+                r.status = self._refused(r)        # (the same check, saying why)
+                continue
             try:
                 if not img.preadv_nowait(r.iov, r.offset):
                     return i
@@ -156,6 +159,7 @@ class ImageExecutor:
     def _execute(self, batch: Sequence[Request]) -> None:
         img = self.image
         for r in batch:
+            r.status = self._refused(r)
             if r.status:
                 continue
             try:

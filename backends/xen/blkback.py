@@ -30,6 +30,7 @@ import functools
 import logging
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -105,6 +106,7 @@ class Blkback:
         self._ring_scope: trio.CancelScope | None = None
         self.executor: ImageExecutor | None = None
         self._pumping = False
+        self._answer: Callable[[list[_Work]], None] | None = None   # _done on this ring
 
     # -- xenstore ----------------------------------------------------------------------------
     def _w(self, key: str, value: object) -> None:
@@ -241,6 +243,7 @@ class Blkback:
         view = self.memory.view(pfns[0], pages)
         # BACK_RING_ATTACH: start from the indices the shared page holds (0 on a new ring)
         self.ring = BackRing(view, blkif.SLOT_SIZE, start=int.from_bytes(view[8:12], "little"))
+        self._answer = functools.partial(self._done, self.ring)
         self.port = self.evtchn.bind_interdomain(self.domid, self.fe_domid, fe_port)
         self.broken = ""
         info = blkif.VDISK_READONLY if self.spec.readonly else 0
@@ -274,6 +277,7 @@ class Blkback:
         self._pgrants.clear()
         self._unmap_ring()
         self.ring = None
+        self._answer = None
         if self.port:
             self.evtchn.close(self.domid, self.port)
             self.port = 0
@@ -302,9 +306,9 @@ class Blkback:
         ordered after everything before it. Never runs nested: a notification that arrives
         while it runs (its own responses can bring new requests at once) is found by its
         ``RING_FINAL_CHECK_FOR_REQUESTS``."""
-        ring, ex = self.ring, self.executor
-        if ring is None or ex is None or self._ring_scope is None or self.broken or \
-                ex.busy or self._pumping:
+        ring, ex, answer = self.ring, self.executor, self._answer
+        if ring is None or ex is None or answer is None or self._ring_scope is None or \
+                self.broken or ex.busy or self._pumping:
             return True
         self._pumping = True
         try:
@@ -312,7 +316,7 @@ class Blkback:
                 work = self._consume(ring)
                 if self.broken:
                     return True
-                if work and not ex.submit(work, functools.partial(self._done, ring)):
+                if work and not ex.submit(work, answer):
                     self._notify(ring)
                     return True              # _done pumps again when the batch is back
                 self._notify(ring)
@@ -374,7 +378,9 @@ class Blkback:
                 self.grants.unmap(ref)
             if w.status:
                 self.errors += 1
-            self._respond(ring, w.id, w.wire_op, _status(w.status))
+                self._respond(ring, w.id, w.wire_op, _status(w.status))
+            else:
+                self._respond(ring, w.id, w.wire_op, Status.OKAY)
 
     # -- validation -------------------------------------------------------------------------
     def _parse(self, raw: bytes, req_id: int) -> _Work:
@@ -454,8 +460,11 @@ class Blkback:
             p0 = pfns[0]
             if p0 is not None and pfns == list(range(p0, p0 + nseg)):
                 # persistently mapped whole pages, contiguous in guest memory: one extent
-                iov: tuple[memoryview, ...] = (self.memory.gpa_view(
-                    p0 * PAGE_SIZE, nsec * blkif.SECTOR),)
+                n = nsec * blkif.SECTOR
+                iov: tuple[memoryview, ...] = (self.memory.gpa_view(p0 * PAGE_SIZE, n),)
+                if kind == Op.READ:          # the hot path: positional, no helper
+                    return _Work(StorageOp.READ, sector * blkif.SECTOR, n, iov, False, False,
+                                 0, req_id, op)
                 return self._work(req_id, op, kind, sector, nsec, iov, ())
         mapped: list[int] = []
         extents: list[list[int]] = []       # [gpa, length], merged when contiguous
@@ -483,12 +492,12 @@ class Blkback:
               iov: tuple[memoryview, ...], mapped: tuple[int, ...]) -> _Work:
         """blkif's data operations in the executor's words."""
         offset, length = sector * blkif.SECTOR, nsec * blkif.SECTOR
-        if kind == Op.READ:
-            return _Work(StorageOp.READ, offset, length, iov, id=req_id, wire_op=op,
-                         mapped=mapped)
+        if kind == Op.READ:                  # positional: the hot path
+            return _Work(StorageOp.READ, offset, length, iov, False, False, 0, req_id, op,
+                         mapped)
         if kind == Op.WRITE:
-            return _Work(StorageOp.WRITE, offset, length, iov, id=req_id, wire_op=op,
-                         mapped=mapped)
+            return _Work(StorageOp.WRITE, offset, length, iov, False, False, 0, req_id, op,
+                         mapped)
         if not iov:                          # an empty flush or barrier: a flush
             return _Work(StorageOp.FLUSH, id=req_id, wire_op=op)
         # with data: a write made durable, after a flush of what came before for a barrier

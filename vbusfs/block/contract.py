@@ -1,6 +1,6 @@
 """What a block transport is to the engine, in the engine's own words (design.md §1).
 
-A transport (a Xen block ring, a virtio-blk virtqueue, a storvsc channel) is whatever puts
+A transport (a Xen block ring, a virtio-blk queue, a storvsc channel) is whatever puts
 a :class:`Command` on its ring, tells the engine when it completes, and says up front what
 its device can take (:class:`Limits`). The engine never sees the transport's words: an
 operation is an :class:`Op`, a completion status is an errno, and whatever the transport

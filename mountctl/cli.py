@@ -286,6 +286,9 @@ def _status(args: argparse.Namespace) -> int:
                 "disks": disks,
             })
         buses["xen"] = {"devices": xdevs}
+    if (bus_root / "pci/devices").is_dir():
+        buses["pci"] = {"devices": [_pci_row(e) for e in
+                                    sorted((bus_root / "pci/devices").iterdir())]}
     doc["buses"] = buses
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -307,6 +310,42 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _STATE = {0: "offer", 1: "opening", 2: "offered", 3: "opened"}
+#: virtio device ids → the config's type names (vbusfs.protocols.virtio.ids)
+_VIRTIO_TYPES = {1: "virtio-net", 2: "virtio-blk", 3: "virtio-console", 4: "virtio-rng",
+                 5: "virtio-balloon"}
+
+
+def _link_name(path: Path) -> str | None:
+    return os.path.basename(os.readlink(path)) if path.is_symlink() else None
+
+
+def _pci_row(entry: Path) -> dict[str, object]:
+    """A PCI function and the virtio device on it, read as lspci and a user would."""
+    row: dict[str, object] = {
+        "name": entry.name,
+        "id": f"{_read(entry / 'vendor')[2:]}:{_read(entry / 'device')[2:]}",
+        "type": "host bridge" if _read(entry / "class").startswith("0x0600") else
+                f"class {_read(entry / 'class')}",
+        "state": "enabled" if _read(entry / "enable") not in ("", "0") else "-",
+        "driver": _link_name(entry / "driver"),
+        "disks": [],
+    }
+    virtio = next((c for c in sorted(entry.iterdir()) if c.name.startswith("virtio") and
+                   c.is_dir() and not c.is_symlink()), None)
+    if virtio is not None:
+        try:
+            status = int(_read(virtio / "status") or "0", 16)
+            dev_id = int(_read(virtio / "device") or "0", 16)
+        except ValueError:
+            status = dev_id = 0
+        row["type"] = _VIRTIO_TYPES.get(dev_id, f"virtio {dev_id}")
+        row["virtio"] = virtio.name
+        row["state"] = "failed" if status & 0x80 else "needs-reset" if status & 0x40 else \
+            "driver-ok" if status & 0x4 else f"status {status:#x}"
+        row["driver"] = _link_name(virtio / "driver") or row["driver"]
+        if (virtio / "block").is_dir():
+            row["disks"] = sorted(p.name for p in (virtio / "block").iterdir())
+    return row
 
 
 def _vmbus_type(class_id: str) -> str:

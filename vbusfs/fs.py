@@ -47,6 +47,7 @@ class _Open:
     node: Node
     data: bytes | None = None        # text attribute contents, generated at open
     error: OSError | None = None     # a show() failure, reported by read() as sysfs does
+    limit: int | None = None         # a binary attribute's length for this opener
 
 
 class VbusFS(pyfuse3.Operations):
@@ -196,6 +197,9 @@ class VbusFS(pyfuse3.Operations):
         elif isinstance(node, BinAttribute):
             if (wants_write and node.writer is None) or (wants_read and node.reader is None):
                 raise OSError(errno.EACCES, "permission denied")
+            # pci_read_config: the capability is the opener's, checked at open
+            handle.limit = node.length if ctx.uid == 0 or node.public_length is None \
+                else node.public_length
         elif isinstance(node, BlockFile):
             if wants_write and node.disk.readonly:
                 raise OSError(errno.EROFS, "the disk is read-only")
@@ -220,9 +224,10 @@ class VbusFS(pyfuse3.Operations):
             return await h.node.disk.read(off, size)
         if isinstance(h.node, BinAttribute):
             assert h.node.reader is not None
-            if off >= h.node.length:
+            length = h.node.length if h.limit is None else h.limit
+            if off >= length:
                 return b""
-            return h.node.reader(off, min(size, h.node.length - off))
+            return h.node.reader(off, min(size, length - off))
         if h.error is not None:
             raise h.error
         if h.data is None:

@@ -360,6 +360,20 @@ class Engine:
         self._release(cmd)
         self._check(status, f"discard at sector {sector}")
 
+    async def drv_in(self, code: int, n: int) -> bytes:
+        """A driver-private request ``code`` that reads ``n`` bytes (Linux REQ_OP_DRV_IN:
+        virtio-blk's GET_ID); the transport knows what the code means."""
+        cmd = await self._get(Op.DRV_IN, -(-n // PAGE_SIZE))
+        cmd.sector, cmd.nsectors, cmd.nbytes, cmd.code = 0, 0, n, code
+        status = await self._submit(cmd)
+        try:
+            if status == 0:
+                data = b"".join(bytes(self.memory.view(pfn)) for pfn in cmd.pages)[:n]
+        finally:
+            self._release(cmd)
+        self._check(status, f"driver request {code}")
+        return data
+
     async def drain(self, deadline: float) -> bool:
         """Wait (at most ``deadline`` seconds) until nothing is queued or in flight."""
         with trio.move_on_after(deadline):

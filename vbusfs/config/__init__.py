@@ -25,12 +25,14 @@ from vbusfs.config.common import (
     parse_machine,
     parse_size,
 )
+from vbusfs.config.pci import PCI, PCI_DEVICE, PciConfig, PciDeviceConfig, parse_pci
 from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusConfig, VmbusDeviceConfig, parse_vmbus
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
            "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
-           "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference"]
+           "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference",
+           "PciConfig", "PciDeviceConfig"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,11 @@ class Config:
     vmbus: VmbusConfig
     source: str = "<embedded default>"
     xen: XenConfig | None = None
+    pci: PciConfig | None = None
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD, PCI, PCI_DEVICE)
 
 
 def _shown(key: Key) -> str:
@@ -76,13 +79,14 @@ def reference() -> str:
 
 
 def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
-    no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0})
+    no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0, "pci": 0})
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
     machine = parse_machine(doc["machine"], base_dir)
     vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
-    return Config(machine, vmbus, source, xen)
+    pci = parse_pci(doc["pci"], machine) if "pci" in doc else None
+    return Config(machine, vmbus, source, xen, pci)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -98,10 +102,12 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(doc, p.resolve().parent, str(p))
 
 
-#: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB,
-#: sparse images in the state directory) so the block path is there out of the box. The
-#: integration services and the first SCSI controller use the instance GUIDs Hyper-V/Azure
-#: use (reference/hv-services.md §2.7, reference/sysfs.md §1.5), so tools find them.
+#: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB)
+#: and a PCI bus with QEMU's virtio-net, virtio-blk (vda, 512 MiB), virtio-rng and
+#: virtio-balloon, so all three buses and their block paths are there out of the box (images
+#: sparse in the state directory). The integration services and the first SCSI controller
+#: use the instance GUIDs Hyper-V/Azure use (reference/hv-services.md §2.7, reference/sysfs.md
+#: §1.5), so tools find them.
 DEFAULT_CONFIG = """\
 [machine]
 name = "hyperv-gen2"
@@ -164,6 +170,25 @@ size = "1G"
 [[xen.vbd]]
 vdev = "xvdb"
 size = "256M"
+
+[pci]
+
+[[pci.device]]
+type = "virtio-net"
+slot = 3
+
+[[pci.device]]
+type = "virtio-blk"
+slot = 4
+size = "512M"
+
+[[pci.device]]
+type = "virtio-rng"
+slot = 5
+
+[[pci.device]]
+type = "virtio-balloon"
+slot = 6
 """
 
 

@@ -17,6 +17,7 @@ import trio
 
 from vbusfs import CONTROL_DIR, __version__
 from vbusfs.config import Config
+from vbusfs.machine.pci import PciMachine
 from vbusfs.machine.vmbus import VmbusMachine
 from vbusfs.machine.xen import XenMachine
 from vbusfs.platform.memory import GuestMemory
@@ -40,10 +41,16 @@ class Machine:
         self.tree.root.dir("dev")
         self.control = self.tree.root.mkdir(CONTROL_DIR)
         self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree)
+        block_control = self.control.mkdir("block") \
+            if config.xen is not None or config.pci is not None else None
         self.xen: XenMachine | None = None
         if config.xen is not None:
             self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,
-                                  self.control.mkdir("block"))
+                                  block_control)
+        self.pci: PciMachine | None = None
+        if config.pci is not None:
+            self.pci = PciMachine(config.pci, config.machine, self.memory, self.tree,
+                                  block_control)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -53,6 +60,8 @@ class Machine:
             await self.vmbus.start(nursery)
             if self.xen is not None:
                 await self.xen.start(nursery)
+            if self.pci is not None:
+                await self.pci.start(nursery)
             task_status.started()
 
     async def stop(self) -> None:
@@ -60,6 +69,8 @@ class Machine:
         with trio.move_on_after(SHUTDOWN_DEADLINE):
             if self.xen is not None:
                 await self.xen.xenbus.close_all(SHUTDOWN_DEADLINE / 2)
+            if self.pci is not None:
+                await self.pci.stop(SHUTDOWN_DEADLINE / 2)
             await self.vmbus.bus.unload()
 
     def add_control_files(self, request_stop: Callable[[], None]) -> None:

@@ -192,16 +192,19 @@ class Attribute(Node):
 class BinAttribute(Node):
     """A binary attribute with a real size that honours offsets (e.g. PCI ``config``)."""
 
-    __slots__ = ("length", "reader", "writer", "perm")
+    __slots__ = ("length", "reader", "writer", "perm", "public_length")
     kind = stat.S_IFREG
 
     def __init__(self, name: str, length: int, reader: Callable[[int, int], bytes] | None,
                  writer: Callable[[int, bytes], int] | None = None,
-                 perm: int | None = None) -> None:
+                 perm: int | None = None, public_length: int | None = None) -> None:
         super().__init__(name)
         self.length = length
         self.reader = reader
         self.writer = writer
+        #: how much a reader without CAP_SYS_ADMIN (here: not root) gets, e.g. the first 64
+        #: bytes of PCI ``config``; None: all of it
+        self.public_length = public_length
         if perm is None:
             perm = (0o444 if reader else 0) | (0o200 if writer else 0)
         self.perm = perm

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.storage.executor import ImageExecutor
+from tests.pci_rig import pci_machine
 from tests.xen_rig import xen_machine
 from vbusfs.block.engine import Engine
 from vbusfs.block.gendisk import Disk
@@ -42,8 +43,8 @@ class Options:
     barrier: bool = False         # ordered writes as barriers, where the transport has them
     discard: bool = True
     small_queue: bool = False     # the transport's smallest queue depth
-    max_segments: int = 0         # 0: the transport's default; else at most this many
-    pool_pages: int = 0           # 0: the driver's default
+    few_segments: bool = False    # the fewest segments a command may have on the transport
+    small_pool: bool = False      # room for one biggest command and a small one, no more
     sector_size: int = 512
 
 
@@ -55,9 +56,9 @@ async def blkif_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
     """Xen: blkfront on the blkif ring to blkback (persistent grants on)."""
     features = [f for f, on in (("flush", opts.flush), ("barrier", opts.barrier),
                                 ("discard", opts.discard)) if on] + ["persistent"]
-    indirect = 256 if not opts.max_segments or opts.max_segments > 256 else \
-        0 if opts.max_segments <= 11 else opts.max_segments
-    async with xen_machine(tmp, pool_pages=opts.pool_pages, size=opts.size,
+    indirect = 0 if opts.few_segments else 256             # 11 direct segments, or 256
+    pool = (11 if opts.few_segments else 256) + 1 if opts.small_pool else 0
+    async with xen_machine(tmp, pool_pages=pool, size=opts.size,
                            features=features, sector_size=opts.sector_size,
                            max_ring_page_order=0 if opts.small_queue else 4,
                            indirect_segments=indirect) as rig:
@@ -66,7 +67,29 @@ async def blkif_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
                        frozenset({0, errno.EIO, errno.EOPNOTSUPP}))
 
 
-#: every transport the contract suite runs against (virtio-blk and storvsc join here)
-RIGS: dict[str, RigFactory] = {"blkif": blkif_rig}
+@asynccontextmanager
+async def virtio_blk_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
+    """virtio over PCI: virtio-blk on a modern function, indirect descriptors and EVENT_IDX
+    on (the queue depth is then the queue size)."""
+    features = [f for f, on in (("flush", opts.flush), ("discard", opts.discard)) if on]
+    qsize = 16 if opts.small_queue or opts.few_segments else 256   # seg_max is qsize - 2
+    dev: dict[str, object] = {
+        "type": "virtio-blk", "size": opts.size, "sector_size": opts.sector_size,
+        "features": [*features, "indirect", "event-idx"], "queue_size": qsize}
+    # a command is its data pages and one indirect table
+    pool = qsize - 2 + 1 + 2 if opts.small_pool else 0
+    async with pci_machine(tmp, [dev], pool_pages=pool) as rig:
+        yield BlockRig("virtio-blk", rig.engine, rig.disk, rig.image, rig.executor, rig.tree,
+                       _disk_path(rig.disk) + "/queue",
+                       frozenset({0, errno.EIO, errno.EOPNOTSUPP}))
+
+
+def _disk_path(disk: Disk) -> str:
+    assert disk.dir is not None
+    return disk.dir.path().lstrip("/")
+
+
+#: every transport the contract suite runs against (storvsc joins here)
+RIGS: dict[str, RigFactory] = {"blkif": blkif_rig, "virtio-blk": virtio_blk_rig}
 #: transports whose device can order writes with barriers
 BARRIER_TRANSPORTS = frozenset({"blkif"})

@@ -15,7 +15,7 @@ import trio
 
 from vbusfs.block.gendisk import Disk
 from vbusfs.config import parse
-from vbusfs.drivers.virtio.blk import _DiskState
+from vbusfs.drivers.virtio.blk import POOL_PAGES, _DiskState
 from vbusfs.machine.pci import PciMachine
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.sysfs import Tree
@@ -37,7 +37,7 @@ def pci_toml(devices: list[dict[str, Any]]) -> str:
 
 @asynccontextmanager
 async def pci_machine(state_dir: Path, devices: list[dict[str, Any]] | None = None,
-                      force_legacy: bool = False, cpus: int = 2
+                      force_legacy: bool = False, cpus: int = 2, pool_pages: int = 0
                       ) -> AsyncIterator[SimpleNamespace]:
     if devices is None:
         devices = [{"type": "virtio-blk", "size": "16M"}]
@@ -51,7 +51,8 @@ async def pci_machine(state_dir: Path, devices: list[dict[str, Any]] | None = No
     memory = GuestMemory(cfg.machine.memory)
     control = tree.root.makedirs(".vbusfs/block")
     assert cfg.pci is not None
-    pm = PciMachine(cfg.pci, cfg.machine, memory, tree, control, force_legacy=force_legacy)
+    pm = PciMachine(cfg.pci, cfg.machine, memory, tree, control, force_legacy=force_legacy,
+                    blk_pool_pages=pool_pages or POOL_PAGES)
     async with trio.open_nursery() as nursery:
         await pm.start(nursery)
         disks = []

@@ -130,11 +130,11 @@ async def test_data_round_trips_at_every_size(make_rig: MakeRig) -> None:
 async def test_commands_stay_within_the_declared_limits(make_rig: MakeRig,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    for max_segments in (0, 11):
-        async with make_rig(max_segments=max_segments, size="4M") as rig:
+    for few in (False, True):
+        async with make_rig(few_segments=few, size="4M") as rig:
             lim = rig.engine.limits
-            if max_segments:
-                assert lim.max_segments <= max(max_segments, 11)
+            if few:               # the smallest a transport has, and smaller than a 1 MiB
+                assert lim.max_segments < 256      # write needs: commands get split
             posts = _record_posts(rig, monkeypatch)
             await rig.disk.write(0, os.urandom(1 << 20))
             await rig.disk.write(4096 + 512, os.urandom(300_000))   # odd: read-modify-write
@@ -149,7 +149,7 @@ async def test_commands_stay_within_the_declared_limits(make_rig: MakeRig,
 
 async def test_limits_flow_unchanged_into_sysfs(make_rig: MakeRig) -> None:
     for opts in ({}, {"flush": False, "discard": False, "sector_size": 4096},
-                 {"max_segments": 11, "small_queue": True}):
+                 {"few_segments": True, "small_queue": True}):
         async with make_rig(**opts) as rig:
             lim = rig.engine.limits
 
@@ -210,13 +210,12 @@ async def test_ordered_write_without_barriers_goes_out_alone(make_rig: MakeRig,
         _assert_nothing_left(rig)
 
 
+@pytest.mark.parametrize("transport", sorted(BARRIER_TRANSPORTS))
 async def test_ordered_write_is_a_barrier_where_the_transport_has_them(
-        make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch) -> None:
-    transport = make_rig.transport                              # type: ignore[attr-defined]
-    if transport not in BARRIER_TRANSPORTS:
-        pytest.skip(f"{transport} has no barrier operation; its ordered writes are "
-                    "single-stepped (tested above)")
-    async with make_rig(barrier=True, flush=False) as rig:
+        transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only transports with a barrier operation (blkif); the others single-step ordered
+    writes (tested above)."""
+    async with RIGS[transport](tmp_path, Options(barrier=True, flush=False)) as rig:
         reqs = _record_requests(rig, monkeypatch)
         posts = _record_posts(rig, monkeypatch)
         await rig.engine.write(0, memoryview(b"\x02" * 4096), ordered=True)
@@ -267,7 +266,7 @@ async def test_command_shortage_freezes_and_thaws(make_rig: MakeRig) -> None:
 
 async def test_page_shortage_thaws_in_arrival_order(make_rig: MakeRig,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    async with make_rig(max_segments=11, pool_pages=12, size="4M") as rig:
+    async with make_rig(few_segments=True, small_pool=True, size="4M") as rig:
         eng = rig.engine
         big = eng.max_pages * PAGE_SIZE
         assert eng.pool.nr_pages < 2 * eng.max_pages     # two big commands cannot coexist

@@ -14,7 +14,7 @@ from backends.virtio.host import PciHost
 from vbusfs.config.common import MachineConfig
 from vbusfs.config.pci import PciConfig
 from vbusfs.drivers.pci.bus import PciBus
-from vbusfs.drivers.virtio.blk import VirtioBlkDriver
+from vbusfs.drivers.virtio.blk import POOL_PAGES, VirtioBlkDriver
 from vbusfs.drivers.virtio.core import VirtioBus
 from vbusfs.drivers.virtio.pci import VirtioPciDriver
 from vbusfs.drivers.virtio.simple import simple_drivers
@@ -28,11 +28,12 @@ __all__ = ["PciMachine"]
 class PciMachine:
     def __init__(self, cfg: PciConfig, machine: MachineConfig, memory: GuestMemory,
                  tree: Tree, block_control: Directory | None,
-                 force_legacy: bool = False) -> None:
+                 force_legacy: bool = False, blk_pool_pages: int = POOL_PAGES) -> None:
         self.root = PciRoot()
         self.host = PciHost(self.root, memory, cfg)
         self.virtio = VirtioBus(tree)
-        self.virtio.register(VirtioBlkDriver(memory, tree, block_control, machine.cpus))
+        self.virtio.register(VirtioBlkDriver(memory, tree, block_control, machine.cpus,
+                                             blk_pool_pages))
         for drv in simple_drivers():
             self.virtio.register(drv)
         self.pci = PciBus(tree, self.root, machine.cpus)

@@ -187,8 +187,9 @@ class VirtioBlkDriver(VirtioDriver):
                      blk.F_WRITE_ZEROES)
 
     def __init__(self, memory: GuestMemory, tree: Tree, control: Directory | None,
-                 cpus: int = 1) -> None:
+                 cpus: int = 1, pool_pages: int = POOL_PAGES) -> None:
         self.memory = memory
+        self.pool_pages = pool_pages
         self.tree = tree
         self.control = control
         self.cpus = cpus
@@ -286,7 +287,7 @@ class _DiskState:
         t = VirtioBlkTransport(drv.memory, queues, limits, nr, indirect)
         self.transport = t
         per_cmd = sg_elems + t.extra_pages_for(Op.WRITE, sg_elems)
-        self.engine = Engine(drv.memory, t, nr, min(nr * per_cmd, POOL_PAGES))
+        self.engine = Engine(drv.memory, t, nr, min(nr * per_cmd, drv.pool_pages))
         t.engine = self.engine
         for bell, q in zip(self.bells, queues, strict=True):
             bell.handler = lambda q=q: t.interrupt(q)

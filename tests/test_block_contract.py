@@ -23,6 +23,7 @@ from backends.storage.executor import Request, StorageOp
 from tests.block_rigs import BARRIER_TRANSPORTS, RIGS, BlockRig, Options
 from tests.conftest import Logs
 from vbusfs.block.contract import Command, Op
+from vbusfs.block.engine import segments_for
 from vbusfs.platform.memory import PAGE_SIZE
 
 MakeRig = Callable[..., AbstractAsyncContextManager[BlockRig]]
@@ -38,16 +39,27 @@ def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> MakeRig:
     return make
 
 
+def _runs(pages: list[int]) -> list[int]:
+    """Lengths of the runs of contiguous frames in ``pages``."""
+    runs: list[int] = []
+    for i, p in enumerate(pages):
+        if i and p == pages[i - 1] + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
 def _record_posts(rig: BlockRig, monkeypatch: pytest.MonkeyPatch
-                  ) -> list[tuple[Op, int, int, int, bool, int]]:
-    """(op, sector, pages, bytes, ordered, commands busy before it) for every command the
-    engine posts, in order."""
-    seen: list[tuple[Op, int, int, int, bool, int]] = []
+                  ) -> list[tuple[Op, int, list[int], int, bool, int]]:
+    """(op, sector, runs of contiguous pages, bytes, ordered, commands busy before it) for
+    every command the engine posts, in order."""
+    seen: list[tuple[Op, int, list[int], int, bool, int]] = []
     t = rig.engine.transport
     real = t.post
 
     def post(cmd: Command) -> None:
-        seen.append((cmd.op, cmd.sector, len(cmd.pages), cmd.nbytes, cmd.ordered,
+        seen.append((cmd.op, cmd.sector, _runs(cmd.pages), cmd.nbytes, cmd.ordered,
                      len(rig.engine.busy)))
         real(cmd)
 
@@ -114,8 +126,10 @@ async def test_data_round_trips_at_every_size(make_rig: MakeRig) -> None:
         eng = rig.engine
         rng = random.Random(11)
         model = bytearray(8 << 20)
-        sizes = [512, 4096, 4608, 45056, eng.max_bytes - 512, eng.max_bytes,
-                 eng.max_bytes + 512, 3 * eng.max_bytes + 4096, 1 << 20]
+        step = rig.disk._chunk()            # what one command carries, at most
+        sizes = [512, 4096, 4608, 45056, step - 512, step, step + 512, 3 * step + 4096,
+                 1 << 20]
+        assert step <= eng.max_bytes
         for n in sizes:
             off = rng.randrange(0, (8 << 20) - n) & ~511
             blob = rng.randbytes(n)
@@ -139,12 +153,12 @@ async def test_commands_stay_within_the_declared_limits(make_rig: MakeRig,
             await rig.disk.write(0, os.urandom(1 << 20))
             await rig.disk.write(4096 + 512, os.urandom(300_000))   # odd: read-modify-write
             await rig.disk.read(512, 700_000)
-            for op, _sector, pages, nbytes, _o, _b in posts:
+            for op, _sector, runs, nbytes, _o, _b in posts:
                 if op in (Op.READ, Op.WRITE):
                     assert 0 < nbytes <= lim.max_transfer
                     assert nbytes % lim.logical_block_size == 0
-                    assert pages * -(-PAGE_SIZE // lim.max_segment_size) <= lim.max_segments
-                    assert pages == -(-nbytes // PAGE_SIZE)
+                    assert segments_for(runs, lim) <= lim.max_segments
+                    assert sum(runs) == -(-nbytes // PAGE_SIZE)
 
 
 async def test_limits_flow_unchanged_into_sysfs(make_rig: MakeRig) -> None:

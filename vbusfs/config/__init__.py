@@ -25,10 +25,18 @@ from vbusfs.config.common import (
     parse_machine,
     parse_size,
 )
-from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusConfig, VmbusDeviceConfig, parse_vmbus
+from vbusfs.config.vmbus import (
+    VMBUS,
+    VMBUS_DEVICE,
+    VMBUS_IC,
+    IcConfig,
+    VmbusConfig,
+    VmbusDeviceConfig,
+    parse_vmbus,
+)
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
-__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
+__all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig", "IcConfig",
            "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
            "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference"]
 
@@ -42,7 +50,7 @@ class Config:
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_IC, XEN, VBD)
 
 
 def _shown(key: Key) -> str:

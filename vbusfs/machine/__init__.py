@@ -39,7 +39,11 @@ class Machine:
         self.tree.root.makedirs("sys/devices")
         self.tree.root.dir("dev")
         self.control = self.tree.root.mkdir(CONTROL_DIR)
-        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree)
+        self._request_stop: Callable[[], None] | None = None
+        self._stop_pending = False
+        self.power_requests: list[str] = []
+        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
+                                  self.control, self._on_power)
         self.xen: XenMachine | None = None
         if config.xen is not None:
             self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,
@@ -62,9 +66,28 @@ class Machine:
                 await self.xen.xenbus.close_all(SHUTDOWN_DEADLINE / 2)
             await self.vmbus.bus.unload()
 
+    def _on_power(self, action: str) -> None:
+        """The guest accepted a power request from the host (``orderly_poweroff``,
+        ``orderly_reboot``, the hibernate uevent): react as ``[vmbus.ic]`` says."""
+        self.power_requests.append(action)
+        ic = self.config.vmbus.ic
+        key, reaction = {"poweroff": ("on_shutdown", ic.on_shutdown),
+                         "reboot": ("on_reboot", ic.on_reboot)}.get(action, ("", "log"))
+        if reaction != "unmount":
+            log.info("the guest accepted a %s request from the host: reported only%s",
+                     action, f" (vmbus.ic.{key} = {reaction})" if key else "")
+            return
+        log.info("the guest accepted a %s request from the host: stopping and unmounting "
+                 "(vmbus.ic.%s = unmount)", action, key)
+        if self._request_stop is not None:
+            self._request_stop()
+        else:
+            self._stop_pending = True
+
     def add_control_files(self, request_stop: Callable[[], None]) -> None:
         ctl = self.control
         cfg = self.config
+        self._request_stop = request_stop
 
         def store_control(text: str) -> None:
             if text.strip() != "shutdown":
@@ -80,6 +103,9 @@ class Machine:
         ctl.add(Attribute("vmbus_version", lambda: (
             conn.version.text if conn.version else "disconnected") + "\n"))
         ctl.add(Attribute("control", None, store_control))
+        self.vmbus.add_control_files(ctl)
+        if self._stop_pending:
+            request_stop()
 
     def close(self) -> None:
         self.memory.close()

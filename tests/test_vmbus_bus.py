@@ -16,8 +16,8 @@ import trio.testing
 
 from backends.vmbus.channel import ChannelSpec
 from backends.vmbus.devices import IdleDevice
-from backends.vmbus.ic import HeartbeatIc
 from backends.vmbus.host import VmbusHost
+from backends.vmbus.ic import HeartbeatIc
 from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
 from vbusfs.drivers.vmbus.connection import OpenError

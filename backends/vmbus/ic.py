@@ -80,9 +80,14 @@ class IcDevice:
     """One IC service on its channel. ``state`` is ``closed`` (channel not open),
     ``negotiating``, ``ready`` or ``failed`` (a protocol error, or no common version)."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, versions: list[tuple[int, int]] | None = None,
+                 frameworks: list[tuple[int, int]] | None = None) -> None:
+        """``versions``/``frameworks``: what the host offers, when not openvmm's lists (a
+        host of an older Windows release offers fewer)."""
         self.service = service
-        self.msgtype, self.versions = IC_SERVICES[service]
+        self.msgtype, default = IC_SERVICES[service]
+        self.versions = versions or default
+        self.frameworks = frameworks or FRAMEWORKS
         self.state = "closed"
         self.framework: tuple[int, int] | None = None
         self.version: tuple[int, int] | None = None
@@ -103,7 +108,7 @@ class IcDevice:
         self._negotiated = trio.Event()
         try:
             await chan.send(PacketType.DATA_INBAND, 0, 0,
-                            hv_ic.negotiate_request(FRAMEWORKS, self.versions))
+                            hv_ic.negotiate_request(self.frameworks, self.versions))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive, chan)
                 await self._negotiated.wait()
@@ -183,7 +188,7 @@ class IcDevice:
         if len(fws) != 1 or len(srvs) != 1:
             self._fail("no supported versions")
             return
-        if fws[0] not in FRAMEWORKS or srvs[0] not in self.versions:
+        if fws[0] not in self.frameworks or srvs[0] not in self.versions:
             self._fail(f"the guest chose versions never offered: framework {fws[0]}, "
                        f"service {srvs[0]}")
             return

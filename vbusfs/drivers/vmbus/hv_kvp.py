@@ -21,13 +21,14 @@ import struct
 
 import trio
 
-from vbusfs.drivers.vmbus.kvp_daemon import KVP_MSG_STRUCT_SIZE, KvpDaemon
+from vbusfs.drivers.vmbus.kvp_daemon import KvpDaemon
 from vbusfs.drivers.vmbus.util_service import HvUtilsPlatform, UtilService
 from vbusfs.platform.memory import PAGE_SIZE
-from vbusfs.protocols.vmbus import hv_ic
+from vbusfs.protocols.vmbus import hv_ic, hv_kvp
 from vbusfs.protocols.vmbus.hv_kvp import (
     HV_KVP_EXCHANGE_MAX_KEY_SIZE,
     HV_KVP_EXCHANGE_MAX_VALUE_SIZE,
+    KVP_MSG_STRUCT_SIZE,
     REG_SZ,
     REG_U32,
     REG_U64,
@@ -47,9 +48,12 @@ FQDN_TIMEOUT = 5.0
 _RECV_BUFFER = 4 * PAGE_SIZE        # HV_HYP_PAGE_SIZE * 4, also the channel's max_pkt_size
 _BODY = hv_ic.ICMSG_HDR             # where struct hv_kvp_msg starts in the payload
 # offsets in struct hv_kvp_msg: GET/SET value, ENUMERATE index and value, DELETE key
-_GS_TYPE, _GS_KEY_SIZE, _GS_VALUE_SIZE, _GS_KEY, _GS_VALUE = 4, 8, 12, 16, 528
-_EN_INDEX, _EN_DATA, _EN_KEY, _EN_VALUE = 4, 8, 20, 532
-_DEL_KEY_SIZE, _DEL_KEY = 4, 8
+_GS_TYPE, _GS_KEY_SIZE, _GS_VALUE_SIZE = (hv_kvp.MSG_GS_VALUE_TYPE, hv_kvp.MSG_GS_KEY_SIZE,
+                                          hv_kvp.MSG_GS_VALUE_SIZE)
+_GS_KEY, _GS_VALUE = hv_kvp.MSG_GS_KEY, hv_kvp.MSG_GS_VALUE
+_EN_INDEX, _EN_DATA = hv_kvp.ENUM_INDEX, hv_kvp.ENUM_DATA
+_EN_KEY, _EN_VALUE = hv_kvp.MSG_ENUM_KEY, hv_kvp.MSG_ENUM_VALUE
+_DEL_KEY_SIZE, _DEL_KEY = hv_kvp.MSG_DELETE_KEY_SIZE, hv_kvp.MSG_DELETE_KEY
 
 
 def _put(buf: bytearray, off: int, data: bytes) -> None:
@@ -79,7 +83,10 @@ class KvpService(UtilService):
         pool files (``kvp_get_os_info``, ``kvp_file_init``)."""
         if self.daemon is not None:
             return
-        identity = await trio.to_thread.run_sync(self.platform.os_identity)
+        if self.platform.lookups_in_thread:
+            identity = await trio.to_thread.run_sync(self.platform.os_identity)
+        else:
+            identity = self.platform.os_identity()
         self.daemon = KvpDaemon(identity)
         await self._resolve()
         if self.platform.root is not None:
@@ -87,6 +94,9 @@ class KvpService(UtilService):
 
     async def _resolve(self) -> None:
         assert self.daemon is not None
+        if not self.platform.lookups_in_thread:
+            self.daemon.fqdn = self.platform.fqdn()
+            return
         with trio.move_on_after(FQDN_TIMEOUT):
             self.daemon.fqdn = await trio.to_thread.run_sync(self.platform.fqdn,
                                                              abandon_on_cancel=True)

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vbusfs.protocols.vmbus import hv_kvp
 from vbusfs.protocols.vmbus.hv_ic import HV_E_FAIL, HV_GUID_NOTFOUND, HV_S_CONT, HV_S_OK
 from vbusfs.protocols.vmbus.hv_kvp import (
     AUTO_POOL_KEYS,
@@ -49,22 +50,19 @@ from vbusfs.sysfs import DataFile, Directory
 log = logging.getLogger(__name__)
 
 __all__ = ["KvpDaemon", "OsIdentity", "os_identity", "resolve_fqdn", "POOL_DIR",
-           "KVP_MSG_STRUCT_SIZE", "MAX_RECORDS"]
+           "MAX_RECORDS"]
 
 #: KVP_CONFIG_LOC, relative to the mount
 POOL_DIR = "var/lib/hyperv"
-#: sizeof(struct hv_kvp_msg): the header and the largest member of the body union
-#: (hv_kvp_ipaddr_value, 7426 bytes)
-KVP_MSG_STRUCT_SIZE = 4 + 7426
 #: how many records a pool file may hold here: it lives in the service's memory (2.5 MiB)
 MAX_RECORDS = 1024
 
-# offsets in struct hv_kvp_msg (from its start): error/header, the GET/SET value, ENUMERATE's
-# index and value, DELETE's key
+# offsets in struct hv_kvp_msg: the daemon's error overlays the header (a union)
 _ERROR = 0
-_SET_KEY_SIZE, _SET_VALUE_SIZE, _SET_KEY, _SET_VALUE = 8, 12, 16, 528
-_ENUM_INDEX, _ENUM_KEY, _ENUM_VALUE = 4, 20, 532
-_DEL_KEY_SIZE, _DEL_KEY = 4, 8
+_SET_KEY_SIZE, _SET_VALUE_SIZE = hv_kvp.MSG_GS_KEY_SIZE, hv_kvp.MSG_GS_VALUE_SIZE
+_SET_KEY, _SET_VALUE = hv_kvp.MSG_GS_KEY, hv_kvp.MSG_GS_VALUE
+_ENUM_INDEX, _ENUM_KEY, _ENUM_VALUE = hv_kvp.ENUM_INDEX, hv_kvp.MSG_ENUM_KEY, hv_kvp.MSG_ENUM_VALUE
+_DEL_KEY_SIZE, _DEL_KEY = hv_kvp.MSG_DELETE_KEY_SIZE, hv_kvp.MSG_DELETE_KEY
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,9 @@ class HvUtilsPlatform:
     status: Directory | None = None
     os_identity: Callable[[], OsIdentity] = os_identity
     fqdn: Callable[[], str] = resolve_fqdn
+    #: the two above read files and ask the resolver: off the event loop, in a thread
+    #: (tests that give instant ones may turn this off)
+    lookups_in_thread: bool = True
 
 
 class UtilService:

@@ -23,6 +23,9 @@ __all__ = [
     "HV_KVP_EXCHANGE_MAX_KEY_SIZE", "HV_KVP_EXCHANGE_MAX_VALUE_SIZE", "KvpOp", "KvpPool",
     "KVP_POOL_COUNT", "REG_SZ", "REG_EXPAND_SZ", "REG_U32", "REG_U64", "REG_QWORD",
     "KVP_HDR", "EXCHG_VALUE", "GETSET_DATA", "ENUM_INDEX", "ENUM_DATA", "DELETE_MSG",
+    "MSG_GS_VALUE_TYPE", "MSG_GS_KEY_SIZE", "MSG_GS_VALUE_SIZE", "MSG_GS_KEY", "MSG_GS_VALUE",
+    "MSG_ENUM_KEY_SIZE", "MSG_ENUM_VALUE_SIZE", "MSG_ENUM_KEY", "MSG_ENUM_VALUE",
+    "MSG_DELETE_KEY_SIZE", "MSG_DELETE_KEY", "KVP_MSG_STRUCT_SIZE",
     "KVP_MSG_SIZE", "IP_MSG_SIZE", "IP_ADAPTER_ID", "KVP_RECORD_SIZE", "RECORD_KEY",
     "RECORD_VALUE", "KVP_OP_REGISTER1", "HV_DRV_VERSION", "AUTO_POOL_KEYS",
     "utf16s_to_utf8s", "utf8s_to_utf16s", "kvp_request", "encode_utf16z", "parse_utf16z",
@@ -74,6 +77,23 @@ GETSET_DATA = KVP_HDR.size
 ENUM_INDEX = KVP_HDR.size
 ENUM_DATA = KVP_HDR.size + 4
 DELETE_MSG = struct.Struct(f"<I{HV_KVP_EXCHANGE_MAX_KEY_SIZE}s")
+# the same fields one by one (hv_kvp_exchg_msg_value: value_type, key_size, value_size, key,
+# value)
+MSG_GS_VALUE_TYPE = GETSET_DATA
+MSG_GS_KEY_SIZE = GETSET_DATA + 4
+MSG_GS_VALUE_SIZE = GETSET_DATA + 8
+MSG_GS_KEY = GETSET_DATA + 12
+MSG_GS_VALUE = GETSET_DATA + 12 + HV_KVP_EXCHANGE_MAX_KEY_SIZE
+MSG_ENUM_KEY_SIZE = ENUM_DATA + 4
+MSG_ENUM_VALUE_SIZE = ENUM_DATA + 8
+MSG_ENUM_KEY = ENUM_DATA + 12
+MSG_ENUM_VALUE = ENUM_DATA + 12 + HV_KVP_EXCHANGE_MAX_KEY_SIZE
+MSG_DELETE_KEY_SIZE = KVP_HDR.size
+MSG_DELETE_KEY = KVP_HDR.size + 4
+#: sizeof(struct hv_kvp_msg): the header and the body union, whose largest member is
+#: hv_kvp_ipaddr_value (7426 bytes) but which hv_kvp_msg_delete (a u32 first, not packed)
+#: aligns to 4: 7428
+KVP_MSG_STRUCT_SIZE = KVP_HDR.size + 7428
 #: the body openvmm sends for GET/SET/DELETE/ENUMERATE (header + 2578, O-ic KvpMessage)
 KVP_MSG_SIZE = 2580
 #: struct hv_kvp_ip_msg (no pad: adapter_id follows operation and pool)

@@ -1,0 +1,279 @@
+"""Hostile IC messages, generated (hypothesis, over 10,000 cases each way).
+
+Host → guest: whatever the host puts on a util channel, the guest's service answers as Linux
+does or not at all, never raises: a reply has the request's length, flags
+TRANSACTION|RESPONSE, and the request's pipe header, message type, versions and transaction
+id; a packet shorter than ``icmsg_hdr`` or longer than the receive buffer gets nothing (the
+latter silences the channel); KVP, VSS and fcopy drop other message types, the other three
+answer them HV_E_FAIL; the KVP pool files stay whole records.
+
+Guest → host: whatever the guest answers, the host's IC never raises: it takes a well-formed
+negotiation answer whose versions it offered, drops other message types while negotiating,
+and stops (state ``failed``, the request in flight failed with EPROTO) on anything openvmm
+refuses; a KVP answer it cannot parse stops it the same way.
+
+Warnings the hostile input provokes are checked against the list of what each side may say
+(anything else fails the test), rather than declared one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import re
+import struct
+from collections.abc import Iterator
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.vmbus.ic import (
+    FRAMEWORKS,
+    IC_SERVICES,
+    IcDevice,
+    IcHostSettings,
+    KvpIc,
+    _Pending,
+    make_ic,
+)
+from vbusfs.drivers.vmbus.hv_kvp import KvpService
+from vbusfs.drivers.vmbus.hv_utils import make_service
+from vbusfs.drivers.vmbus.kvp_daemon import KvpDaemon, OsIdentity
+from vbusfs.drivers.vmbus.util_service import HvUtilsPlatform, UtilService
+from vbusfs.protocols.vmbus import hv_ic, hv_kvp
+from vbusfs.protocols.vmbus.ring import Packet, PacketType
+from vbusfs.sysfs import DataFile, Tree
+
+EXAMPLES = 10_500
+SERVICES = ["heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"]
+MSGTYPE = {"heartbeat": 1, "kvp": 2, "shutdown": 3, "timesync": 4, "vss": 5, "fcopy": 7}
+LIMIT = {"heartbeat": 4096, "shutdown": 4096, "timesync": 4096, "vss": 8192, "fcopy": 8192,
+         "kvp": 16384}                                                  # reference §1.8
+E_FAIL = 0x80004005
+GUEST_SAYS = [r"request received\. (Packet length too small|Invalid msg type|Could not read)",
+              r"^Invalid \w[\w ]* (msg data|ref data|data|msg|hdr)\. Packet length too small",
+              r"invalid icmsg negotiate", r"^KVP: pool \d+ does not exist"]
+HOST_SAYS = [r"IC: protocol error, the IC stops", r"IC: dropping a type \d+ reply while "
+             r"negotiating", r"IC: dropping a reply to no request"]
+
+
+@contextlib.contextmanager
+def only_logs(name: str, allowed: list[str]) -> Iterator[None]:
+    """Warnings from ``name`` must match one of ``allowed``; they stay out of the test-wide
+    log check, which would otherwise want each declared pattern to appear."""
+    seen: list[logging.LogRecord] = []
+
+    class Check(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger = logging.getLogger(name)
+    handler = Check(logging.WARNING)
+    logger.addHandler(handler)
+    old = logger.propagate
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+    for r in seen:
+        msg = r.getMessage()
+        assert any(re.search(p, msg) for p in allowed), f"unexpected warning: {msg}"
+
+
+# -- host → guest ----------------------------------------------------------------------------
+
+def _guest(service: str) -> tuple[UtilService, Tree]:
+    tree = Tree()
+    svc = make_service(service, HvUtilsPlatform(power=lambda _: None))
+    if isinstance(svc, KvpService):
+        svc.daemon = KvpDaemon(OsIdentity("L", "1", "", "6", "6-x", "x86_64"), fqdn="g")
+        svc.daemon.attach(tree.root)
+    return svc, tree
+
+
+def _header(msgtype: int, body_len: int, flags: int, status: int, txid: int,
+            pipe_type: int, pipe_size: int | None) -> bytes:
+    hdr = struct.pack("<HHHHHHIBBxx", 3, 0, msgtype, 3, 0, body_len & 0xFFFF, status, txid,
+                      flags)
+    size = 20 + body_len if pipe_size is None else pipe_size
+    return struct.pack("<II", pipe_type, size & 0xFFFFFFFF) + hdr
+
+
+@st.composite
+def host_messages(draw: st.DrawFn) -> tuple[str, bytes, int | None]:
+    """(service, payload, the version the guest has negotiated)."""
+    service = draw(st.sampled_from(SERVICES))
+    own = MSGTYPE[service]
+    msgtype = draw(st.one_of(st.just(own), st.just(0), st.integers(0, 9),
+                             st.integers(0, 0xFFFF)))
+    kind = draw(st.sampled_from(["random", "negotiate", "shaped"]))
+    if kind == "negotiate":
+        msgtype = 0
+        f, m = draw(st.integers(0, 120)), draw(st.integers(0, 120))
+        n = draw(st.integers(0, 8))
+        versions = b"".join(struct.pack("<HH", draw(st.integers(0, 6)), draw(st.integers(0, 3)))
+                            for _ in range(n))
+        body = struct.pack("<HHI", f, m, 0) + versions
+    elif kind == "shaped" and msgtype == 2:
+        body = bytearray(draw(st.sampled_from([2580, 7428, 520, 8, 0])))
+        if len(body) >= 2:
+            body[0] = draw(st.integers(0, 10))
+            body[1] = draw(st.integers(0, 7))
+        for off in (4, 8, 12, 16):
+            if off + 4 <= len(body) and draw(st.booleans()):
+                struct.pack_into("<I", body, off, draw(st.sampled_from(
+                    [0, 1, 2, 4, 8, 11, 510, 512, 2048, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF])))
+        for off in (16, 20, 528, 532):
+            if off < len(body) and draw(st.booleans()):
+                text = draw(st.binary(max_size=64))
+                body[off:off + len(text)] = text[:len(body) - off]
+        body = bytes(body)
+    elif kind == "shaped":
+        size = {1: 40, 3: 2060, 4: 24, 5: 12, 7: 1088}.get(msgtype, 16)
+        body = bytearray(draw(st.binary(min_size=size, max_size=size)))
+        if msgtype == 3:
+            struct.pack_into("<I", body, 8, draw(st.integers(0, 8)))
+        if msgtype == 5:
+            body[0] = draw(st.integers(0, 9))
+        body = bytes(body[:draw(st.integers(0, len(body)))]) if draw(st.booleans()) else \
+            bytes(body)
+    else:
+        body = draw(st.binary(max_size=300))
+    msg = _header(msgtype, len(body), draw(st.integers(0, 255)), draw(st.integers(0, 2**32 - 1)),
+                  draw(st.integers(0, 255)), draw(st.sampled_from([1, 0, 2, 5])),
+                  draw(st.one_of(st.none(), st.integers(0, 2**32 - 1)))) + body
+    cut = draw(st.one_of(st.none(), st.integers(0, len(msg))))
+    if cut is not None:
+        msg = msg[:cut]
+    msg += bytes(draw(st.sampled_from([0, 0, 4, 7, 16400])))          # VMBus padding, or way
+    version = draw(st.sampled_from([None, (1, 0), (3, 0), (4, 0)]))
+    return service, msg, version
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(host_messages())
+def test_guest_answers_anything_the_host_sends(case: tuple[str, bytes, int | None]) -> None:
+    service, payload, version = case
+    svc, tree = _guest(service)
+    svc.version = version  # type: ignore[assignment]
+    with only_logs("vbusfs.drivers.vmbus.hv_utils", GUEST_SAYS):
+        reply = svc.answer(payload)
+        svc.after_reply()
+        again = svc.answer(payload[:64])
+    if len(payload) > LIMIT[service]:
+        assert reply is None and svc.stalled and again is None
+        return
+    if len(payload) < 28:
+        assert reply is None
+        return
+    (msgtype,) = struct.unpack_from("<H", payload, 12)
+    if msgtype not in (0, MSGTYPE[service]) and service in ("kvp", "vss", "fcopy"):
+        assert reply is None
+        return
+    if reply is None:
+        # only a body too short for the service's message goes unanswered
+        assert msgtype == MSGTYPE[service] and service != "kvp"
+        return
+    assert len(reply) == len(payload) and reply[25] == 0x05
+    assert reply[:18] == payload[:18] and reply[24] == payload[24]     # txid echoed
+    assert reply[26:28] == payload[26:28]
+    if msgtype != 0:
+        assert reply[18:20] == payload[18:20]                           # icmsgsize kept
+    if msgtype not in (0, MSGTYPE[service]):
+        assert struct.unpack_from("<I", reply, 20)[0] == E_FAIL
+    if service == "heartbeat" and msgtype == 1:
+        seq = struct.unpack_from("<Q", payload, 28)[0]
+        assert struct.unpack_from("<Q", reply, 28)[0] == (seq + 1) % 2**64
+    if service == "shutdown" and msgtype == 3:
+        flags = struct.unpack_from("<I", payload, 36)[0]
+        want = 0 if flags in (0, 1, 2, 3) else E_FAIL       # no hibernation on this platform
+        assert struct.unpack_from("<I", reply, 20)[0] == want
+    if service == "kvp":
+        for n in range(5):
+            f = tree.resolve(f"var/lib/hyperv/.kvp_pool_{n}")
+            assert isinstance(f, DataFile) and len(f.data) % hv_kvp.KVP_RECORD_SIZE == 0
+
+
+# -- guest → host ----------------------------------------------------------------------------
+
+def _host(service: str, negotiating: bool) -> tuple[IcDevice, _Pending | None]:
+    ic = make_ic(service, IcHostSettings())
+    if negotiating:
+        ic.state = "negotiating"
+        return ic, None
+    ic.state, ic.framework, ic.version = "ready", (3, 0), IC_SERVICES[service][1][-1]
+    pending = _Pending()
+    ic._pending = pending
+    return ic, pending
+
+
+@st.composite
+def guest_replies(draw: st.DrawFn) -> tuple[str, bool, bytes]:
+    service = draw(st.sampled_from(SERVICES))
+    negotiating = draw(st.booleans())
+    msgtype, offered = IC_SERVICES[service]
+    if negotiating and draw(st.booleans()):
+        # a real answer, then perhaps spoiled
+        req = hv_ic.negotiate_request(FRAMEWORKS, offered)
+        fw = [draw(st.sampled_from([(3, 0), (1, 0), (2, 0)]))]
+        srv = [draw(st.sampled_from([*offered, (9, 9)]))]
+        reply, _ = hv_ic.guest_negotiate(req, fw, srv)
+        payload = bytearray(reply)
+    else:
+        body = draw(st.binary(max_size=3000))
+        hdr = _header(draw(st.sampled_from([msgtype, 0, 1, 2, 3, 4])), len(body),
+                      draw(st.sampled_from([0x05, 0x05, 0x01, 0x04, 0x03, 0xFF])),
+                      draw(st.sampled_from([0, 0x80070103, 0x80004005, 1])),
+                      draw(st.sampled_from([0, 0, 1])), draw(st.sampled_from([1, 1, 2])),
+                      draw(st.one_of(st.none(), st.integers(0, 2**32 - 1))))
+        payload = bytearray(hdr + body)
+    for _ in range(draw(st.integers(0, 3))):
+        if payload:
+            payload[draw(st.integers(0, len(payload) - 1))] = draw(st.integers(0, 255))
+    cut = draw(st.one_of(st.none(), st.integers(0, len(payload))))
+    return service, negotiating, bytes(payload if cut is None else payload[:cut])
+
+
+def _packet(payload: bytes) -> Packet:
+    return Packet(PacketType.DATA_INBAND, 0, 0, b"", payload)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(guest_replies())
+def test_host_takes_anything_the_guest_answers(case: tuple[str, bool, bytes]) -> None:
+    service, negotiating, payload = case
+    ic, pending = _host(service, negotiating)
+    parse_failed = False
+    with only_logs("backends.vmbus.ic", HOST_SAYS):
+        ic.handle_packet(_packet(payload))
+        if isinstance(ic, KvpIc) and ic.state == "ready" and pending is not None and \
+                pending.reply is not None:
+            # what KvpIc.enumerate does with the answer it got
+            try:
+                ic._parse(pending.reply.payload, hv_kvp.ENUM_DATA, None)
+            except OSError as e:
+                assert e.errno == errno.EPROTO and ic.state == "failed"
+                parse_failed = True
+    assert ic.state in ("negotiating", "ready", "failed")
+    if ic.state == "failed":
+        assert isinstance(ic.failure, str)
+        if pending is not None and not parse_failed:
+            assert pending.error is not None and pending.error.errno == errno.EPROTO
+        if not parse_failed:
+            return
+    if negotiating and ic.state == "ready":
+        assert ic.framework in FRAMEWORKS and ic.version in IC_SERVICES[service][1]
+        fws, srvs = hv_ic.parse_versions(payload)
+        assert (fws, srvs) == ([ic.framework], [ic.version])
+    if not negotiating:
+        assert pending is not None and pending.reply is not None
+        assert pending.reply.payload == payload
+        # what it took passes openvmm's checks
+        ptype, size = struct.unpack_from("<II", payload)
+        assert ptype == 1 and 20 <= size <= len(payload) - 8 and payload[25] & 0x05 == 0x05
+        assert payload[24] == 0

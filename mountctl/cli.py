@@ -369,11 +369,40 @@ def _kvp_pool(word: str) -> int:
     raise Failure("kvp", f"no pool {word!r} (0-4, or {', '.join(KVP_POOLS)})", EXIT_USAGE)
 
 
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _kvp_check(args: argparse.Namespace) -> None:
+    """What a KVP message can carry (HV_KVP_EXCHANGE_MAX_KEY_SIZE 512 and _VALUE_SIZE 2048
+    bytes of UTF-16, NUL included), checked before anything is sent."""
+    if args.kvp_op == "list":
+        return
+    if not args.key or "\0" in args.key or _units(args.key) > 255:
+        raise Failure("kvp", "a key is 1 to 255 UTF-16 units without NUL", EXIT_USAGE)
+    if args.kvp_op != "set":
+        return
+    if args.type in ("string", "expand_string"):
+        if "\0" in args.value or _units(args.value) > 1023:
+            raise Failure("kvp", "a value is at most 1023 UTF-16 units without NUL",
+                          EXIT_USAGE)
+        return
+    bits = 32 if args.type == "dword" else 64
+    try:
+        number = int(args.value, 0)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 1 << bits:
+        raise Failure("kvp", f"{args.value!r} is not a {bits}-bit unsigned number",
+                      EXIT_USAGE)
+
+
 def _kvp(args: argparse.Namespace) -> int:
     import shlex
     mnt = os.path.abspath(args.mountpoint)
     node = _ic_node(mnt, "kvp", "KVP")
     pool = _kvp_pool(args.pool)
+    _kvp_check(args)
     op = args.kvp_op
     words = [op, str(pool)]
     if op in ("set", "get", "delete"):

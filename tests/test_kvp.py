@@ -161,7 +161,7 @@ def test_get_finds_the_key_but_answers_an_empty_value(kvp: tuple[KvpService, Tre
     # The kernel asks the daemon for value_size 0 bytes and reads the value back at the
     # ENUMERATE offset: an existing key answers S_OK, REG_SZ, value_size 2, an empty string.
     svc, _ = kvp
-    answered(svc, getset(SET, 0, u16("k"), u16("v"), REG_SZ))
+    answered(svc, getset(SET, 0, u16("k"), u16("a value longer than four bytes"), REG_SZ))
     req = getset(GET, 0, u16("k"))
     reply = answered(svc, req)
     assert status(reply) == S_OK
@@ -294,6 +294,7 @@ def test_utf16_to_utf8() -> None:
     assert utf16s_to_utf8s("😀".encode("utf-16-le"), 2, 100) == "😀".encode()   # a pair
     assert utf16s_to_utf8s("😀".encode("utf-16-le"), 1, 100) == b""             # cut pair
     assert utf16s_to_utf8s(b"\x00\xdcA\x00", 4, 100) == b"A"          # lone low: skipped
+    assert utf16s_to_utf8s(b"\x00\xdc\x00\xdcA\x00", 6, 100) == b"A"  # two lows: both
     assert utf16s_to_utf8s(b"\x00\xd8A\x00", 4, 100) == b"A"          # lone high: skipped
     assert utf16s_to_utf8s("é€a".encode("utf-16-le"), 10, 1) == b"a"  # too big: skipped
     assert utf16s_to_utf8s(b"a\0b\0", 0, 10) == b""                   # inlen 0

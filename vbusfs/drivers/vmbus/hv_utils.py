@@ -57,6 +57,8 @@ __all__ = ["HvUtils", "HvUtilsPlatform", "UtilService", "make_service", "POWER_A
            "HeartbeatService", "ShutdownService", "TimesyncService", "TimeSample",
            "VssService", "FcopyService", "TIMESYNC_STALE_NS"]
 
+#: the services hv_utils binds (its id_table)
+SERVICE_TYPES = ("heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy")
 #: what the shutdown service asks of whoever runs the guest (orderly_poweroff,
 #: orderly_reboot, the hibernate uevent)
 POWER_ACTIONS = ("poweroff", "reboot", "hibernate")
@@ -311,6 +313,3 @@ class HvUtils(VmbusDriver):
         svc = self.service(cls.type)
         dev.drvdata = svc
         await svc.run(ep)
-
-
-SERVICE_TYPES = ("heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy")

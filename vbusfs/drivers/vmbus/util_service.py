@@ -96,8 +96,15 @@ class UtilService:
         while True:
             for pkt in await ep.receive():
                 payload = bytes(pkt.payload)
-                await self.prepare(payload)
-                reply = self.answer(payload)
+                try:
+                    await self.prepare(payload)
+                    reply = self.answer(payload)
+                except Exception:
+                    # a bug here must not take the bus down with it: logged (an error the
+                    # tests' log check catches), the packet goes unanswered
+                    log.exception("%s: answering a %d-byte packet failed", self.label,
+                                  len(payload))
+                    continue
                 if reply is not None:
                     await ep.send(PacketType.DATA_INBAND, 0, pkt.trans_id, bytes(reply))
                 self.after_reply()

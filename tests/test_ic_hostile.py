@@ -25,6 +25,7 @@ import re
 import struct
 from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,7 +44,7 @@ from vbusfs.drivers.vmbus.kvp_daemon import KvpDaemon, OsIdentity
 from vbusfs.drivers.vmbus.util_service import HvUtilsPlatform, UtilService
 from vbusfs.protocols.vmbus import hv_ic, hv_kvp
 from vbusfs.protocols.vmbus.ring import Packet, PacketType
-from vbusfs.sysfs import DataFile, Tree
+from vbusfs.sysfs import Attribute, DataFile, Tree
 
 EXAMPLES = 10_500
 SERVICES = ["heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"]
@@ -277,3 +278,112 @@ def test_host_takes_anything_the_guest_answers(case: tuple[str, bool, bytes]) ->
         ptype, size = struct.unpack_from("<II", payload)
         assert ptype == 1 and 20 <= size <= len(payload) - 8 and payload[25] & 0x05 == 0x05
         assert payload[24] == 0
+
+
+# -- what users write into the pool files ------------------------------------------------------
+
+@st.composite
+def pool_contents(draw: st.DrawFn) -> bytes:
+    out = b""
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.one_of(st.binary(max_size=40), st.just(b"K" * 512),
+                             st.text(max_size=20).map(str.encode)))
+        value = draw(st.one_of(st.binary(max_size=40), st.just(b"V" * 2048)))
+        out += key[:512].ljust(512, draw(st.sampled_from([b"\0", b"\xff", b"A"]))) + \
+            value[:2048].ljust(2048, b"\0")
+    return out + draw(st.binary(max_size=100))            # and a partial record
+
+
+@settings(max_examples=2000, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(pool_contents(), st.sampled_from([0, 1, 2, 3]), st.integers(0, 5),
+       st.text(min_size=1, max_size=8).filter(lambda k: "\0" not in k))
+def test_the_daemon_takes_any_pool_file(contents: bytes, op: int, index: int,
+                                        key: str) -> None:
+    """Whatever a user left in a pool file, the daemon answers (S_OK, S_CONT or E_FAIL for
+    what it cannot convert) and rewrites only whole records."""
+    svc, tree = _guest("kvp")
+    f = tree.resolve("var/lib/hyperv/.kvp_pool_1")
+    assert isinstance(f, DataFile)
+    f.write(0, contents)
+    if op == hv_kvp.KvpOp.ENUMERATE:
+        req = hv_kvp.kvp_request(op, 1, (3, 0), (4, 0), index=index)
+    else:
+        req = hv_kvp.kvp_request(op, 1, (3, 0), (4, 0), key=key, value="v")
+    with only_logs("vbusfs.drivers.vmbus.hv_utils", GUEST_SAYS):
+        reply = svc.answer(req)
+    assert reply is not None and len(reply) == len(req)
+    assert struct.unpack_from("<I", reply, 20)[0] in (0, 0x80070103, E_FAIL)
+    if op in (hv_kvp.KvpOp.SET, hv_kvp.KvpOp.DELETE) and \
+            struct.unpack_from("<I", reply, 20)[0] == 0:
+        assert len(f.data) % hv_kvp.KVP_RECORD_SIZE == 0
+
+
+# -- what users write into the host's control files ----------------------------------------------
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["shutdown", "kvp", "vss", "fcopy", "timesync_skew"]),
+       st.one_of(st.text(max_size=60), st.sampled_from([
+           "set 0 k v", "set 9 k v", "get external k", "list auto", "enumerate 1 -1",
+           "set 0 'k v' 5 dword", "set 0 k 99999999999 dword", "reboot force", "freeze",
+           "start a b 1 2", "write 0 hi", "complete extra", "nan", "1e99", "-5"])))
+def test_control_files_take_any_text(name: str, text: str) -> None:
+    """A request is either refused as EINVAL before anything is sent, or sent; here no IC
+    is negotiated, so a request that would be sent fails with ENOTCONN."""
+    import trio
+    node = _controls().resolve(name)
+    assert isinstance(node, Attribute)
+
+    async def write() -> object:
+        return await node.write(text.encode())  # type: ignore[misc]
+    try:
+        trio.run(write)
+    except OSError as e:
+        assert e.errno in (errno.EINVAL, errno.ENOTCONN), e
+    else:
+        assert name == "timesync_skew"        # a valid skew is kept until the IC is up
+
+
+BAD_REQUESTS = {
+    "kvp": ["set 9 k v", "set 0 k", "get", "frob 0", "enumerate 1 -1", "enumerate 1 x",
+            "set 0 k 99999999999 dword", "set 0 k v float", "", "'unbalanced", "list 0 extra",
+            "set 0 '' v", "set external " + "k" * 256 + " v"],
+    "shutdown": ["", "halt", "reboot now", "shutdown force force"],
+    "vss": ["", "melt", "256", "-1"],
+    "fcopy": ["complete extra", "write x y", "start a", "cancel 1", "write 0 " + "x" * 6145],
+    "timesync_skew": ["nan", "1e99", "soon", "", "inf"],
+}
+GOOD_REQUESTS = {
+    "kvp": ["set 0 k v", "set guest 'a key' 'a value' string", "get auto_external k",
+            "delete 4 k", "enumerate 2 9", "list 1", "set 0 n 4294967295 dword"],
+    "shutdown": ["shutdown", "reboot force", "hibernate"],
+    "vss": ["freeze", "7", "get_dm_info"],
+    "fcopy": ["start a.txt /tmp 3 1", "write 0 hello", "complete", "cancel"],
+}
+
+
+@pytest.mark.parametrize("name,text", [(n, t) for n, ts in BAD_REQUESTS.items() for t in ts])
+async def test_bad_control_requests_are_einval(name: str, text: str) -> None:
+    node = _controls().resolve(name)
+    with pytest.raises(OSError) as e:
+        await node.write(text.encode())  # type: ignore[attr-defined, misc]
+    assert e.value.errno == errno.EINVAL
+
+
+@pytest.mark.parametrize("name,text", [(n, t) for n, ts in GOOD_REQUESTS.items() for t in ts])
+async def test_good_control_requests_reach_the_ic(name: str, text: str) -> None:
+    node = _controls().resolve(name)
+    with pytest.raises(OSError) as e:                  # no IC is negotiated here
+        await node.write(text.encode())  # type: ignore[attr-defined, misc]
+    assert e.value.errno == errno.ENOTCONN
+
+
+def _controls() -> Tree:
+    from backends.vmbus.ic import FcopyIc, KvpIc, ShutdownIc, TimesyncIc, VssIc
+    from vbusfs.machine.ic_control import add_host_controls
+    from vbusfs.platform.vmbus.reference_time import ReferenceTime
+    ics: dict[str, IcDevice] = {"shutdown": ShutdownIc(), "kvp": KvpIc(), "vss": VssIc(),
+                                "fcopy": FcopyIc(), "timesync": TimesyncIc(ReferenceTime())}
+    tree = Tree()
+    add_host_controls(tree.root, ics, lambda kind: "log")
+    return tree

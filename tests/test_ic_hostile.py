@@ -12,6 +12,10 @@ negotiation answer whose versions it offered, drops other message types while ne
 and stops (state ``failed``, the request in flight failed with EPROTO) on anything openvmm
 refuses; a KVP answer it cannot parse stops it the same way.
 
+Also generated: the contents users may leave in the pool files (the daemon still answers,
+and rewrites whole records) and the text users may write to the host's control files (a
+bad request is EINVAL before anything is sent).
+
 Warnings the hostile input provokes are checked against the list of what each side may say
 (anything else fails the test), rather than declared one by one.
 """

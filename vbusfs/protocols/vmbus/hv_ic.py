@@ -292,7 +292,8 @@ DATA_FRAGMENT = 6 * 1024
 FCOPY_HDR = struct.Struct("<I16s16s")
 #: struct hv_start_fcopy: hdr, file_name[260] u16, path_name[260] u16, copy_flags, file_size
 FCOPY_START = struct.Struct(f"<I16s16s{2 * W_MAX_PATH}s{2 * W_MAX_PATH}sIQ")
-#: struct hv_do_fcopy: hdr, pad, offset, size, data[6144]
+#: struct hv_do_fcopy: hdr, pad, offset, size, data[6144] (the u32 pad puts offset at payload
+#: 68, not the 64 of reference §2.6, which leaves it out; the compiled header has it)
 FCOPY_WRITE = struct.Struct(f"<I16s16sIQI{DATA_FRAGMENT}s")
 START_FILE_COPY = 0
 WRITE_TO_FILE = 1

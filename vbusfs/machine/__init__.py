@@ -3,7 +3,8 @@
 A bus's host side (``backends``) and guest side (``vbusfs.drivers``) meet only in the
 machine's guest memory and the bus's own hypervisor parts; each bus is assembled in its own
 module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`), and this one holds
-what they share: the config, guest memory, the tree, and the service's control files.
+what they share: the config, guest memory, the tree, the service's control files, and what
+the service does when the guest accepts a power request from its host (``[vmbus.ic]``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class Machine:
         self.control = self.tree.root.mkdir(CONTROL_DIR)
         self._request_stop: Callable[[], None] | None = None
         self._stop_pending = False
-        self.power_requests: list[str] = []
         self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
                                   self.control, self._on_power)
         self.xen: XenMachine | None = None
@@ -69,7 +69,6 @@ class Machine:
     def _on_power(self, action: str) -> None:
         """The guest accepted a power request from the host (``orderly_poweroff``,
         ``orderly_reboot``, the hibernate uevent): react as ``[vmbus.ic]`` says."""
-        self.power_requests.append(action)
         ic = self.config.vmbus.ic
         key, reaction = {"poweroff": ("on_shutdown", ic.on_shutdown),
                          "reboot": ("on_reboot", ic.on_reboot)}.get(action, ("", "log"))

@@ -26,11 +26,19 @@ from vbusfs.config.common import (
     parse_size,
 )
 from vbusfs.config.pci import PCI, PCI_DEVICE, PciConfig, PciDeviceConfig, parse_pci
-from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusConfig, VmbusDeviceConfig, parse_vmbus
+from vbusfs.config.vmbus import (
+    VMBUS,
+    VMBUS_DEVICE,
+    VMBUS_IC,
+    IcConfig,
+    VmbusConfig,
+    VmbusDeviceConfig,
+    parse_vmbus,
+)
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
-           "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
+           "IcConfig", "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
            "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference",
            "PciConfig", "PciDeviceConfig"]
 
@@ -45,7 +53,7 @@ class Config:
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD, PCI, PCI_DEVICE)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_IC, XEN, VBD, PCI, PCI_DEVICE)
 
 
 def _shown(key: Key) -> str:

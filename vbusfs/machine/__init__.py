@@ -2,8 +2,10 @@
 
 A bus's host side (``backends``) and guest side (``vbusfs.drivers``) meet only in the
 machine's guest memory and the bus's own hypervisor parts; each bus is assembled in its own
-module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`), and this one holds
-what they share: the config, guest memory, the tree, and the service's control files.
+module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`,
+:mod:`~vbusfs.machine.pci`), and this one holds what they share: the config, guest memory,
+the tree, the service's control files, and what the service does when the guest accepts a
+power request from its host (``[vmbus.ic]``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ class Machine:
         self.tree.root.makedirs("sys/devices")
         self.tree.root.dir("dev")
         self.control = self.tree.root.mkdir(CONTROL_DIR)
-        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree)
+        self._request_stop: Callable[[], None] | None = None
+        self._stop_pending = False
+        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
+                                  self.control, self._on_power)
         block_control = self.control.mkdir("block") \
             if config.xen is not None or config.pci is not None else None
         self.xen: XenMachine | None = None
@@ -73,9 +78,27 @@ class Machine:
                 await self.pci.stop(SHUTDOWN_DEADLINE / 2)
             await self.vmbus.bus.unload()
 
+    def _on_power(self, action: str) -> None:
+        """The guest accepted a power request from the host (``orderly_poweroff``,
+        ``orderly_reboot``, the hibernate uevent): react as ``[vmbus.ic]`` says."""
+        ic = self.config.vmbus.ic
+        key, reaction = {"poweroff": ("on_shutdown", ic.on_shutdown),
+                         "reboot": ("on_reboot", ic.on_reboot)}.get(action, ("", "log"))
+        if reaction != "unmount":
+            log.info("the guest accepted a %s request from the host: reported only%s",
+                     action, f" (vmbus.ic.{key} = {reaction})" if key else "")
+            return
+        log.info("the guest accepted a %s request from the host: stopping and unmounting "
+                 "(vmbus.ic.%s = unmount)", action, key)
+        if self._request_stop is not None:
+            self._request_stop()
+        else:
+            self._stop_pending = True
+
     def add_control_files(self, request_stop: Callable[[], None]) -> None:
         ctl = self.control
         cfg = self.config
+        self._request_stop = request_stop
 
         def store_control(text: str) -> None:
             if text.strip() != "shutdown":
@@ -91,6 +114,9 @@ class Machine:
         ctl.add(Attribute("vmbus_version", lambda: (
             conn.version.text if conn.version else "disconnected") + "\n"))
         ctl.add(Attribute("control", None, store_control))
+        self.vmbus.add_control_files(ctl)
+        if self._stop_pending:
+            request_stop()
 
     def close(self) -> None:
         self.memory.close()

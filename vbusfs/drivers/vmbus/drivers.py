@@ -5,16 +5,17 @@ Ring sizes follow the Linux drivers' defaults."""
 from __future__ import annotations
 
 from vbusfs.drivers.vmbus.driver import VmbusDriver, ring_size
-from vbusfs.drivers.vmbus.hv_utils import HvUtils
+from vbusfs.drivers.vmbus.hv_utils import HvUtils, HvUtilsPlatform
 from vbusfs.platform.memory import PAGE_SIZE
 
 __all__ = ["linux_drivers"]
 
 
-def linux_drivers() -> list[VmbusDriver]:
-    """A fresh set (drivers keep per-bus state: dynamic ids, bound devices)."""
+def linux_drivers(utils: HvUtilsPlatform | None = None) -> list[VmbusDriver]:
+    """A fresh set (drivers keep per-bus state: dynamic ids, bound devices); ``utils`` is
+    what hv_utils learns from the platform (defaults: no files, no power actions)."""
     return [
-        HvUtils(),
+        HvUtils(utils),
         VmbusDriver("hv_storvsc", ring_size(128 * 1024), ring_size(128 * 1024)),
         VmbusDriver("hv_netvsc", ring_size(128 * PAGE_SIZE), ring_size(128 * PAGE_SIZE)),
         VmbusDriver("hyperv_keyboard", ring_size(36 * 1024), ring_size(36 * 1024)),

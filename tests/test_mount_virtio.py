@@ -5,6 +5,7 @@ and QEMU's identities (reference/sysfs.md §3.3)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -192,3 +193,41 @@ def test_mountctl_status_shows_the_pci_bus(mnt: Mounted) -> None:
     out = mountctl("status", str(mnt.path), env=mnt.env, check=True).stdout
     assert re.search(rf"^pci\s+{re.escape(BLK)}\s+1af4:1042\s+virtio-blk \(vda\)\s+driver-ok"
                      r"\s+virtio_blk$", out, re.M), out
+
+
+def test_remove_and_rescan_a_function(mnt: Mounted) -> None:
+    """As root hot-unplugs and re-plugs on a real guest (pci-sysfs.c): `remove` takes the
+    function, its virtio device and its disk out of the tree at once (no stale names from
+    the kernel's entry cache), `rescan` brings them back under the same names, at the same
+    addresses, with the data where it was. Bad numbers are EINVAL and change nothing."""
+    pci = mnt.path / "sys/bus/pci"
+    dev = pci / "devices" / BLK
+    resources = cat(dev / "resource")
+    before = sh(f"dd if={mnt.path}/dev/vda bs=1M count=4 status=none | md5sum")
+    for bad in ("yes", "-1", "1 1", "0x"):
+        with pytest.raises(OSError) as e:
+            (dev / "remove").write_text(bad)
+        assert e.value.errno == errno.EINVAL
+    (dev / "remove").write_text("0")                 # kstrtoul says 0: nothing to do
+    assert (dev / "vendor").exists()
+    assert oct((dev / "remove").stat().st_mode & 0o777) == "0o200"
+    (dev / "remove").write_text("1\n")
+    assert not (pci / "devices" / BLK).exists() and not (mnt.path / "dev/vda").exists()
+    assert not (mnt.path / "sys/block/vda").exists()
+    assert "virtio1" not in os.listdir(mnt.path / "sys/bus/virtio/devices")
+    assert "vda" not in sh(f"lsblk --sysroot {mnt.path} -n -o NAME").split()
+    with pytest.raises(FileNotFoundError):
+        cat(pci / "devices" / BLK / "vendor")
+    (pci / "rescan").write_text("1")
+    assert cat(dev / "vendor") == "0x1af4\n" and cat(dev / "resource") == resources
+    assert os.readlink(dev / "driver") == "../../../bus/pci/drivers/virtio-pci"
+    assert os.readlink(mnt.path / "sys/block/vda") == \
+        f"../devices/pci0000:00/{BLK}/virtio1/block/vda"
+    assert sh(f"dd if={mnt.path}/dev/vda bs=1M count=4 status=none | md5sum") == before
+    # a device's own rescan file rescans its bus; the root bus has one too
+    (pci / "devices/0000:00:05.0/remove").write_text("1")
+    (mnt.path / "sys/devices/pci0000:00/pci_bus/0000:00/rescan").write_text("1")
+    assert cat(pci / "devices/0000:00:05.0/device") == "0x1044\n"
+    (dev / "rescan").write_text("1")                 # nothing new: nothing changes
+    assert sorted(os.listdir(pci / "devices")) == [
+        "0000:00:00.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0", "0000:00:06.0"]

@@ -94,7 +94,19 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
     pci = parse_pci(doc["pci"], machine) if "pci" in doc else None
+    _one_disk_per_image(xen, pci)
     return Config(machine, vmbus, source, xen, pci)
+
+
+def _one_disk_per_image(xen: XenConfig | None, pci: PciConfig | None) -> None:
+    """Each bus checks its own disks; an image is also never two buses' disk at once."""
+    disks = [(v.image, v.key) for v in (xen.vbds if xen else ())]
+    disks += [(d.image, d.key) for d in (pci.devices if pci else ()) if d.image is not None]
+    owner: dict[Path, str] = {}
+    for image, key in disks:
+        if image in owner:
+            raise ConfigError(f"{key}.image", f"{image} is also the image of {owner[image]}")
+        owner[image] = key
 
 
 def load(path: str | os.PathLike[str]) -> Config:

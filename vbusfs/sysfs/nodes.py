@@ -111,8 +111,11 @@ class Directory(Node):
 
     def remove(self, name: str) -> Node:
         node = self.children.pop(name)
-        if self.tree is not None:
-            self.tree.detach(node)
+        tree = self.tree
+        if tree is not None:
+            if tree.on_remove is not None and tree.lookup_count(node.ino):
+                tree.on_remove(self.ino, name)
+            tree.detach(node)
         node.parent = None
         self.mtime_ns = time.time_ns()
         return node
@@ -350,6 +353,9 @@ class Tree:
         self._next_ino = ROOT_INODE + 1
         self._lookups: dict[int, int] = {}
         self._detached: dict[int, Node] = {}
+        #: Called with (parent inode, name) when an entry the kernel has looked up leaves
+        #: the tree, so that the mount can drop its cached dentry at once.
+        self.on_remove: Callable[[int, str], None] | None = None
 
     def attach(self, node: Node) -> None:
         for n in node.walk():

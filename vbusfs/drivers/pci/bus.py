@@ -9,6 +9,12 @@ is enabled. Each function gets its directory under ``/sys/devices/pci0000:00/`` 
 attributes of :mod:`~vbusfs.drivers.pci.sysfs`, and is offered to the registered PCI
 drivers (:class:`~vbusfs.drivers.core.DriverTable`, ``driver_override`` first); the bus
 starts once every probe has finished.
+
+Hot-plug as root does it through sysfs (``pci-sysfs.c``): ``echo 1 > DEV/remove`` unbinds
+the function's driver and takes it out of the tree (the function itself stays in its slot);
+``echo 1 > /sys/bus/pci/rescan`` (or a device's or the root bus's ``rescan``) scans again and
+publishes and probes what answers and is not known. A function found again keeps the BAR
+addresses it was given, as Linux claims the resources a BAR already holds.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from vbusfs.drivers.pci.device import PciDev, Resource
 from vbusfs.platform.pci import PciRoot
 from vbusfs.protocols import pci
 from vbusfs.sysfs import Attribute, Directory, Symlink, Tree
-from vbusfs.sysfs.driver_core import Bus
+from vbusfs.sysfs.driver_core import Bus, kstrtoul
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class PciBus:
         d = self.root_dir.makedirs(f"pci_bus/{busname}")
         d.add(Attribute("cpuaffinity", lambda: pci_sysfs.cpumask(self.cpus) + "\n"))
         d.add(Attribute("cpulistaffinity", lambda: pci_sysfs.cpulist(self.cpus) + "\n"))
+        d.add(Attribute("rescan", None, self._store_rescan))
+        self.sysfs.dir.add(Attribute("rescan", None, self._store_rescan))
         cls = self.tree.root.makedirs("sys/class/pci_bus")
         cls.add(Symlink(busname, d))
         d.add(Symlink("subsystem", cls))
@@ -72,13 +80,31 @@ class PciBus:
         """Scan, assign, publish and probe; ``started`` once every probe finished."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            for dev in self._scan():
-                self._assign(dev)
-                self._publish(dev)
-            for dev in list(self.devices.values()):
-                if self.sysfs.autoprobe:
-                    await self._probe(dev)
+            await self.rescan()
             task_status.started()
+
+    async def rescan(self) -> None:
+        """``pci_rescan_bus``: assign, publish and probe every function that answers and is
+        not known yet."""
+        new = self._scan()
+        for dev in new:
+            self._assign(dev)
+            self._publish(dev)
+        self.devices = dict(sorted(self.devices.items(), key=lambda kv: kv[1].devfn))
+        for dev in new:
+            if self.sysfs.autoprobe:
+                await self._probe(dev)
+
+    async def remove(self, dev: PciDev) -> None:
+        """``pci_stop_and_remove_bus_device``: its driver lets go, then it leaves the tree."""
+        await self.drivers.unbind(dev)
+        if self.devices.get(dev.name) is dev:
+            del self.devices[dev.name]
+            self.sysfs.remove_device(dev.name)
+
+    async def _store_rescan(self, text: str) -> None:
+        if kstrtoul(text):
+            await self.rescan()
 
     async def unbind_all(self, deadline: float) -> None:
         """Shutdown: every driver removes its device, in reverse probe order."""
@@ -88,6 +114,7 @@ class PciBus:
 
     # -- enumeration ---------------------------------------------------------------------------
     def _scan(self) -> list[PciDev]:
+        """The functions that answer and are not published yet."""
         found: list[PciDev] = []
         for slot in range(32):
             for func in range(8):
@@ -97,7 +124,8 @@ class PciBus:
                         break
                     continue
                 dev = PciDev(self.root, slot, func, self.cpus)
-                found.append(dev)
+                if dev.name not in self.devices:
+                    found.append(dev)
                 if func == 0 and not dev.multifunction:
                     break
         return found
@@ -133,7 +161,10 @@ class PciBus:
                             dev.name, i, size)
                 i += 2 if mem64 else 1
                 continue
-            base = self._allocate(io, size)
+            held = orig & (pci.BAR_IO_MASK if io else pci.BAR_MEM_MASK)
+            if mem64:
+                held |= dev.read_config(at + 4, 4) << 32
+            base = held if self._assigned(io, held, size) else self._allocate(io, size)
             if base is None:
                 log.warning("pci %s: no room for BAR %d (%#x bytes)", dev.name, i, size)
             else:
@@ -149,6 +180,13 @@ class PciBus:
         if any(r.flags and not r.io for r in dev.resources[:6]):
             cmd |= pci.COMMAND_MEMORY
         dev.write_config(pci.COMMAND, 2, cmd)
+
+    def _assigned(self, io: bool, base: int, size: int) -> bool:
+        """Whether a BAR already holds an address this bus handed out (a function found
+        again after ``remove``)."""
+        if io:
+            return IO_BASE <= base and base + size <= self._io
+        return MEM_BASE <= base and base + size <= self._mem
 
     def _allocate(self, io: bool, size: int) -> int | None:
         if io:
@@ -168,6 +206,12 @@ class PciBus:
         self.devices[dev.name] = dev
         self.sysfs.add_device(dev.dir, lambda: pci_sysfs.uevent(dev))
         pci_sysfs.add_device_files(dev, pci.CFG_SPACE_SIZE)
+
+        async def store_remove(text: str) -> None:
+            if kstrtoul(text):
+                await self.remove(dev)
+        dev.dir.add(Attribute("remove", None, store_remove))
+        dev.dir.add(Attribute("rescan", None, self._store_rescan))
 
     # -- binding -------------------------------------------------------------------------------
     async def _probe(self, dev: PciDev, raise_errors: bool = False) -> None:
@@ -202,3 +246,4 @@ class PciBus:
         dev = self.devices[name]
         assert dev.dir is not None
         return dev.dir
+

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from vbusfs.drivers.pci.device import PciDev
 from vbusfs.protocols import pci
 from vbusfs.sysfs import Attr, BinAttribute, Group, add_group
-from vbusfs.sysfs.driver_core import sysfs_bool
+from vbusfs.sysfs.driver_core import kstrtoint, kstrtoul
 from vbusfs.sysfs.nodes import ATTR_SIZE
 
 __all__ = ["add_device_files", "uevent", "DEVICE_GROUP", "cpumask", "cpulist"]
@@ -53,25 +53,30 @@ def uevent(d: PciDev) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bool_store(name: str) -> Callable[[PciDev, str], None]:
+def _flag_store(name: str) -> Callable[[PciDev, str], None]:
+    """``msi_bus``, ``broken_parity_status``, ``d3cold_allowed``: a number (kstrtoul); any
+    but 0 sets the flag."""
     def store(d: PciDev, text: str) -> None:
-        setattr(d, name, int(sysfs_bool(text)))
+        setattr(d, name, int(kstrtoul(text) != 0))
     return store
 
 
 def _store_enable(d: PciDev, text: str) -> None:
-    """``enable_store``: 1 enables, 0 disables what is enabled."""
-    if sysfs_bool(text):
+    """``enable_store``: a number (kstrtoul); not while a driver holds the function (EBUSY);
+    non-zero enables once more (``enable`` counts), 0 disables, EIO when not enabled."""
+    value = kstrtoul(text)
+    if d.driver is not None:
+        raise OSError(errno.EBUSY, f"{d.name} is bound to {d.driver}")
+    if value:
         d.enable()
     elif d.enable_cnt:
         d.disable()
+    else:
+        raise OSError(errno.EIO, f"{d.name} is not enabled")
 
 
 def _store_numa_node(d: PciDev, text: str) -> None:
-    try:
-        node = int(text.strip(), 0)
-    except ValueError:
-        raise OSError(errno.EINVAL, f"not a node: {text.strip()!r}") from None
+    node = kstrtoint(text)
     if node != -1 and node != 0:
         raise OSError(errno.EINVAL, f"node {node} is not online")
     d.numa_node = node
@@ -101,9 +106,9 @@ DEVICE_GROUP: Group[PciDev] = Group([
     Attr("consistent_dma_mask_bits", lambda d: f"{d.dma_mask_bits}\n"),
     Attr("enable", lambda d: f"{d.enable_cnt}\n", _store_enable),
     Attr("broken_parity_status", lambda d: f"{d.broken_parity_status}\n",
-         _bool_store("broken_parity_status")),
-    Attr("msi_bus", lambda d: f"{d.msi_bus}\n", _bool_store("msi_bus")),
-    Attr("d3cold_allowed", lambda d: f"{d.d3cold_allowed}\n", _bool_store("d3cold_allowed")),
+         _flag_store("broken_parity_status")),
+    Attr("msi_bus", lambda d: f"{d.msi_bus}\n", _flag_store("msi_bus")),
+    Attr("d3cold_allowed", lambda d: f"{d.d3cold_allowed}\n", _flag_store("d3cold_allowed")),
     Attr("driver_override",
          lambda d: f"{d.driver_override if d.driver_override is not None else '(null)'}\n",
          _store_override),

@@ -75,6 +75,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             log.info("mounted %s on %s", machine.config.machine.name, mountpoint)
             on_ready()
             await stop.wait()
+            machine.tree.on_remove = None      # going away: nothing to keep fresh
             await machine.stop()
             fuse_scope.cancel()
         finally:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from vbusfs.invalidate import EntryInvalidator
 from vbusfs.sysfs import (
     Attribute,
     BinAttribute,
@@ -73,9 +74,11 @@ class VbusFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, entry_timeout: float = 1.0) -> None:
+    def __init__(self, tree: Tree, entry_timeout: float = 1.0,
+                 invalidator: EntryInvalidator | None = None) -> None:
         super().__init__()
         self.tree = tree
+        self.invalidator = invalidator
         self.entry_timeout = entry_timeout
         self._handles: dict[int, _Open] = {}
         self._dirs: dict[int, list[Node]] = {}
@@ -262,22 +265,28 @@ class VbusFS(pyfuse3.Operations):
             if off < 0:
                 raise OSError(errno.EINVAL, "negative offset")
             return await node.disk.write(off, buf)
-        if isinstance(node, BinAttribute):
-            if node.writer is None:
-                raise OSError(errno.EACCES, "read-only")
-            if off >= node.length:
-                raise OSError(errno.ENOSPC, "past the end of the attribute")
-            return node.writer(off, buf[:node.length - off])
-        if isinstance(node, DataFile):
-            return node.write(off, bytes(buf))
-        assert isinstance(node, Attribute)
-        result = node.write(bytes(buf))
-        if inspect.isawaitable(result):
-            result = await result
-        if isinstance(result, str):
-            # a transaction file: what this open file reads next is the reply
-            h.data, h.error = result.encode(), None
-        return len(buf)
+        try:
+            if isinstance(node, BinAttribute):
+                if node.writer is None:
+                    raise OSError(errno.EACCES, "read-only")
+                if off >= node.length:
+                    raise OSError(errno.ENOSPC, "past the end of the attribute")
+                return node.writer(off, buf[:node.length - off])
+            if isinstance(node, DataFile):
+                return node.write(off, bytes(buf))
+            assert isinstance(node, Attribute)
+            result = node.write(bytes(buf))
+            if inspect.isawaitable(result):
+                result = await result
+            if isinstance(result, str):
+                # a transaction file: what this open file reads next is the reply
+                h.data, h.error = result.encode(), None
+            return len(buf)
+        finally:
+            # a store that removed nodes (remove, unbind, delete) returns once the kernel
+            # has forgotten their names, as a sysfs removal is complete when write returns
+            if self.invalidator is not None and self.invalidator.pending:
+                await self.invalidator.settled()
 
     @_errors
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:

@@ -21,6 +21,7 @@ import trio
 
 from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
+from vbusfs.invalidate import EntryInvalidator
 from vbusfs.machine import Machine
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,12 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             raise OSError(errno.ETIMEDOUT, f"the machine did not come up within "
                           f"{START_DEADLINE:.0f} s") from None
         machine.add_control_files(stop.set)
-        pyfuse3.init(VbusFS(machine.tree), mountpoint, _mount_options())
-        # A device that goes away (unplug, PCI remove) takes its names with it now, not
-        # when the kernel's entry cache expires: its name may come back as a new node.
-        machine.tree.on_remove = lambda parent, name: pyfuse3.invalidate_entry_async(
-            pyfuse3.InodeT(parent), os.fsencode(name), ignore_enoent=True)
+        invalidator = EntryInvalidator()
+        pyfuse3.init(VbusFS(machine.tree, invalidator=invalidator), mountpoint,
+                     _mount_options())
         try:
+            await nursery.start(invalidator.run)
+            machine.tree.on_remove = invalidator
             fuse_scope = trio.CancelScope()
 
             async def fuse_main() -> None:
@@ -76,6 +77,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             on_ready()
             await stop.wait()
             machine.tree.on_remove = None      # going away: nothing to keep fresh
+            await invalidator.close()
             await machine.stop()
             fuse_scope.cancel()
         finally:

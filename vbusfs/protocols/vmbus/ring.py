@@ -4,6 +4,10 @@ One ring per direction: a 4 KiB header page (``write_index`` @0, ``read_index`` 
 ``interrupt_mask`` @8, ``pending_send_sz`` @12, ``feature_bits`` @64) followed by the data
 area. Packets are a 16-byte ``vmpacket_descriptor``, the payload padded to 8 bytes, and an
 8-byte trailer holding the writer's previous start index (reference/protocols.md §3.1–3.2).
+A GPA-direct packet (``VM_PKT_DATA_USING_GPA_DIRECT``) carries, between the descriptor and
+its payload, page ranges of guest memory (``struct vmbus_packet_mpb_array``: reserved u32,
+rangecount u32, then per range {len u32, offset u32, pfn u64 × ⌈(offset+len)/4096⌉}):
+:func:`pack_gpa_direct` / :func:`parse_gpa_direct`.
 
 The functions here operate on a shared ``memoryview`` and treat every index found in it as
 untrusted: a ring whose indices or packet lengths are impossible raises :class:`RingError`
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "PAGE_SIZE", "RingError", "PacketType", "PACKET_DESCRIPTOR", "COMPLETION_REQUESTED",
-    "Packet", "Ring", "init_ring",
+    "Packet", "Ring", "init_ring", "GpaRange", "pack_gpa_direct", "parse_gpa_direct",
 ]
 
 PAGE_SIZE = 4096
@@ -58,6 +62,57 @@ class Packet:
     trans_id: int
     header: bytes   # descriptor bytes past the 16-byte vmpacket_descriptor (offset8*8 - 16)
     payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
+
+
+@dataclass(frozen=True)
+class GpaRange:
+    """One ``vmbus_multipage_buffer``: ``length`` bytes starting ``offset`` bytes into the
+    first of ``pfns`` (4 KiB guest frames, one per page the bytes touch)."""
+
+    length: int
+    offset: int
+    pfns: tuple[int, ...]
+
+
+_GPA_HEAD = struct.Struct("<II")      # reserved, rangecount
+_GPA_RANGE = struct.Struct("<II")     # len, offset
+
+
+def pack_gpa_direct(ranges: list[GpaRange]) -> bytes:
+    """The descriptor extension of a GPA-direct packet (what follows the 16-byte
+    ``vmpacket_descriptor``; ``offset8`` covers it)."""
+    out = [_GPA_HEAD.pack(0, len(ranges))]
+    for r in ranges:
+        out.append(_GPA_RANGE.pack(r.length, r.offset))
+        out.append(struct.pack(f"<{len(r.pfns)}Q", *r.pfns))
+    return b"".join(out)
+
+
+def parse_gpa_direct(header: bytes) -> list[GpaRange]:
+    """The ranges of a GPA-direct packet's descriptor extension. Raises ValueError when the
+    extension is not exactly the ranges it announces (a range count that runs past it, an
+    offset past the first page, bytes left over): untrusted input, checked before use."""
+    if len(header) < _GPA_HEAD.size:
+        raise ValueError(f"GPA-direct descriptor of {len(header)} bytes: no range count")
+    _reserved, count = _GPA_HEAD.unpack_from(header)
+    at = _GPA_HEAD.size
+    out: list[GpaRange] = []
+    for i in range(count):
+        if at + _GPA_RANGE.size > len(header):
+            raise ValueError(f"GPA range {i} of {count} lies past the descriptor")
+        length, offset = _GPA_RANGE.unpack_from(header, at)
+        at += _GPA_RANGE.size
+        if offset >= PAGE_SIZE:
+            raise ValueError(f"GPA range {i}: offset {offset} is past its first page")
+        npfn = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        if at + 8 * npfn > len(header):
+            raise ValueError(f"GPA range {i}: {npfn} PFNs run past the descriptor")
+        out.append(GpaRange(length, offset, struct.unpack_from(f"<{npfn}Q", header, at)))
+        at += 8 * npfn
+    if at != len(header):
+        raise ValueError(f"GPA-direct descriptor has {len(header) - at} bytes past its "
+                         f"{count} ranges")
+    return out
 
 
 def init_ring(view: memoryview) -> None:

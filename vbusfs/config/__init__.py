@@ -25,10 +25,19 @@ from vbusfs.config.common import (
     parse_machine,
     parse_size,
 )
-from vbusfs.config.vmbus import VMBUS, VMBUS_DEVICE, VmbusConfig, VmbusDeviceConfig, parse_vmbus
+from vbusfs.config.vmbus import (
+    VMBUS,
+    VMBUS_DEVICE,
+    VMBUS_LUN,
+    ScsiLunConfig,
+    VmbusConfig,
+    VmbusDeviceConfig,
+    parse_vmbus,
+)
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
+           "ScsiLunConfig",
            "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
            "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference"]
 
@@ -42,7 +51,7 @@ class Config:
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, XEN, VBD)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_LUN, XEN, VBD)
 
 
 def _shown(key: Key) -> str:
@@ -80,8 +89,13 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
     machine = parse_machine(doc["machine"], base_dir)
-    vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
+    images: dict[Path, str] = {}
+    vmbus = parse_vmbus(doc.get("vmbus", {}), machine, images)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
+    for vbd in xen.vbds if xen is not None else ():
+        if vbd.image in images:
+            raise ConfigError(f"{vbd.key}.image", f"{vbd.image} is also the image of "
+                              f"{images[vbd.image]}")
     return Config(machine, vmbus, source, xen)
 
 
@@ -101,7 +115,9 @@ def load(path: str | os.PathLike[str]) -> Config:
 #: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB,
 #: sparse images in the state directory) so the block path is there out of the box. The
 #: integration services and the first SCSI controller use the instance GUIDs Hyper-V/Azure
-#: use (reference/hv-services.md §2.7, reference/sysfs.md §1.5), so tools find them.
+#: use (reference/hv-services.md §2.7, reference/sysfs.md §1.5), so tools find them; that
+#: controller carries an OS disk at LUN 0 and a resource disk at LUN 1, where a cloud agent
+#: looks for it on a Gen2 Azure guest (reference/sysfs.md §5.4–5.5).
 DEFAULT_CONFIG = """\
 [machine]
 name = "hyperv-gen2"
@@ -153,6 +169,14 @@ type = "nic"
 [[vmbus.device]]
 type = "scsi"
 instance = "f8b3781a-1e82-4818-a1c3-63d806ec15bb"
+
+[[vmbus.device.lun]]
+lun = 0
+size = "1G"
+
+[[vmbus.device.lun]]
+lun = 1
+size = "512M"
 
 [xen]
 domid = 1

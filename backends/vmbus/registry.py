@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 
 from backends.vmbus.channel import ChannelSpec, DeviceModel
 from backends.vmbus.devices import IC_SERVICES, IcDevice, IdleDevice
+from backends.vmbus.storvsp import Storvsp
 from vbusfs.config.vmbus import VmbusDeviceConfig
 from vbusfs.protocols.vmbus import messages as m
 
@@ -18,13 +19,16 @@ _PIPE_FLAGS = 0x1 | 0x10
 _PIPE_MODE_MESSAGE = (4).to_bytes(4, "little")
 
 
-def _ic(service: str) -> Callable[[], DeviceModel]:
-    return lambda: IcDevice(service)
+def _ic(service: str) -> Callable[[VmbusDeviceConfig], DeviceModel]:
+    return lambda _dev: IcDevice(service)
 
 
-VMBUS_MODELS: dict[str, Callable[[], DeviceModel]] = {
+#: config type → a model for one device of that type, built from its config
+VMBUS_MODELS: dict[str, Callable[[VmbusDeviceConfig], DeviceModel]] = {
     **{service: _ic(service) for service in IC_SERVICES},
-    **{c.type: IdleDevice for c in m.DEVICE_CLASSES if c.type not in IC_SERVICES},
+    **{c.type: (lambda _dev: IdleDevice()) for c in m.DEVICE_CLASSES
+       if c.type not in IC_SERVICES},
+    "scsi": Storvsp.from_config,
 }
 
 
@@ -36,7 +40,7 @@ def vmbus_channel_specs(devices: Sequence[VmbusDeviceConfig]) -> list[ChannelSpe
         is_ic = dev.type in IC_SERVICES
         specs.append(ChannelSpec(
             name=dev.key, if_type=cls.guid, if_instance=dev.instance,
-            model=VMBUS_MODELS[dev.type](), monitor=dev.monitor,
+            model=VMBUS_MODELS[dev.type](dev), monitor=dev.monitor,
             chn_flags=_PIPE_FLAGS if is_ic else 0,
             user_defined=_PIPE_MODE_MESSAGE if is_ic else b""))
     return specs

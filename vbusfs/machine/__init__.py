@@ -17,6 +17,7 @@ import trio
 
 from vbusfs import CONTROL_DIR, __version__
 from vbusfs.config import Config
+from vbusfs.drivers.scsi.host import ScsiBus
 from vbusfs.machine.vmbus import VmbusMachine
 from vbusfs.machine.xen import XenMachine
 from vbusfs.platform.memory import GuestMemory
@@ -39,11 +40,16 @@ class Machine:
         self.tree.root.makedirs("sys/devices")
         self.tree.root.dir("dev")
         self.control = self.tree.root.mkdir(CONTROL_DIR)
-        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree)
+        # MNT/.vbusfs/block/<disk>/: there when the machine has disks
+        has_luns = any(d.luns for d in config.vmbus.devices)
+        block = self.control.mkdir("block") if config.xen is not None or has_luns else None
+        #: the guest's SCSI midlayer (/sys/bus/scsi, sd): any bus's SCSI hosts join it
+        self.scsi = ScsiBus(self.tree, self.memory, block)
+        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
+                                  self.scsi)
         self.xen: XenMachine | None = None
         if config.xen is not None:
-            self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,
-                                  self.control.mkdir("block"))
+            self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree, block)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.storage.executor import ImageExecutor
+from tests.storvsc_rig import DEVICE_DIR, storvsc_machine
 from tests.xen_rig import xen_machine
 from vbusfs.block.engine import Engine
 from vbusfs.block.gendisk import Disk
@@ -66,7 +67,30 @@ async def blkif_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
                        frozenset({0, errno.EIO, errno.EOPNOTSUPP}))
 
 
-#: every transport the contract suite runs against (virtio-blk and storvsc join here)
-RIGS: dict[str, RigFactory] = {"blkif": blkif_rig}
+@asynccontextmanager
+async def storvsc_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
+    """VMBus: storvsc on a synthetic SCSI controller's channel to storvsp, LUN 0. SCSI has
+    no barrier (ordered writes are single-stepped); flush is the write cache (WCE);
+    discard is UNMAP; the queue depth is the guest's ring size (storvsc_ringbuffer_size);
+    segments are the host's max transfer (sg_tablesize = max_transfer / 4 KiB + 1)."""
+    lun = {"lun": 0, "size": opts.size, "write_cache": opts.flush, "discard": opts.discard,
+           "sector_size": opts.sector_size}
+    kw = {}
+    if opts.max_segments:
+        kw["max_transfer"] = max(1, opts.max_segments - 1) * 4096
+    async with storvsc_machine(tmp, [lun], ring_bytes=8 * 1024 if opts.small_queue else
+                               128 * 1024, pool_pages=opts.pool_pages or 1024,
+                               **kw) as rig:
+        sd = rig.sd(0)
+        disk = rig.disk(0)
+        assert sd.engine is not None and rig.storvsp.luns[0].executor is not None
+        yield BlockRig("storvsc", sd.engine, disk, rig.images[0],
+                       rig.storvsp.luns[0].executor, rig.tree,
+                       f"{DEVICE_DIR}/host0/target0:0:0/0:0:0:0/block/{disk.name}/queue",
+                       frozenset({0, errno.EIO}))
+
+
+#: every transport the contract suite runs against (virtio-blk joins here)
+RIGS: dict[str, RigFactory] = {"blkif": blkif_rig, "storvsc": storvsc_rig}
 #: transports whose device can order writes with barriers
 BARRIER_TRANSPORTS = frozenset({"blkif"})

@@ -355,7 +355,10 @@ class Storvsp:
             if dtl:
                 raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
             return DataBuffer.empty()
-        ranges = parse_gpa_direct(pkt.header)         # ValueError: malformed
+        try:
+            ranges = parse_gpa_direct(pkt.header)
+        except ValueError as e:
+            raise _Malformed(str(e)) from None
         if len(ranges) > 1:
             raise _Malformed(f"{len(ranges)} GPA ranges (one at most)")
         if not ranges:

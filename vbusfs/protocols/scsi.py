@@ -271,7 +271,7 @@ def mode_header6(data_len: int, dsp: int) -> bytes:
 
 
 def mode_header10(data_len: int, dsp: int) -> bytes:
-    return struct.pack(">HBBBBH", data_len - 2, 0, dsp, 0, 0, 0, 0)
+    return struct.pack(">HBBBBH", data_len - 2, 0, dsp, 0, 0, 0)
 
 
 def report_luns(luns: list[int]) -> bytes:

@@ -23,7 +23,7 @@ from vbusfs.protocols.scsi import Asc, SenseKey, Status
 from vbusfs.sysfs import Directory
 
 __all__ = ["HostByte", "Direction", "CmdResult", "ScsiRequest", "CommandBuilder",
-           "HostAdapter", "ScsiDevice", "decide", "RETRY", "MAX_RETRIES"]
+           "HostAdapter", "ScsiDevice", "decide", "execute", "RETRY", "MAX_RETRIES"]
 
 #: sd's SD_MAX_RETRIES: how often a command that asks to be retried is sent again
 MAX_RETRIES = 5
@@ -155,6 +155,18 @@ class ScsiDevice:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+
+async def execute(sdev: ScsiDevice, cdb: bytes, direction: Direction, length: int,
+                  data_out: bytes = b"") -> CmdResult:
+    """``scsi_execute``: one of the midlayer's own commands, counted in the device's
+    ``iorequest_cnt``/``iodone_cnt``/``ioerr_cnt`` as every dispatched command is."""
+    sdev.iorequest_cnt += 1
+    r = await sdev.adapter.queuecommand(sdev, cdb, direction, length, data_out)
+    sdev.iodone_cnt += 1
+    if r.host != HostByte.DID_OK or r.status != Status.GOOD:
+        sdev.ioerr_cnt += 1
+    return r
 
 
 def decide(result: CmdResult) -> int:

@@ -45,6 +45,7 @@ from vbusfs.drivers.scsi.device import (
     HostAdapter,
     HostByte,
     ScsiDevice,
+    execute,
 )
 from vbusfs.drivers.scsi.sd import SD_MINORS, SdDisk
 from vbusfs.platform.memory import GuestMemory
@@ -273,7 +274,7 @@ class ScsiHost:
     # -- commands of the midlayer's own ---------------------------------------------------------
     async def _inquire(self, probe: ScsiDevice, page: int | None, length: int) -> bytes | None:
         cdb = scsi.cdb_inquiry(length, page)
-        r = await self.adapter.queuecommand(probe, cdb, Direction.FROM_DEVICE, length)
+        r = await execute(probe, cdb, Direction.FROM_DEVICE, length)
         if r.host != HostByte.DID_OK or r.status != Status.GOOD:
             return None
         return r.data
@@ -304,8 +305,8 @@ class ScsiHost:
 
     async def _report_luns(self, channel: int, target: int) -> list[int] | None:
         probe = ScsiDevice(self.adapter, self.host_no, channel, target, 0)
-        r = await self.adapter.queuecommand(probe, scsi.cdb_report_luns(_REPORT_LUNS_LEN),
-                                            Direction.FROM_DEVICE, _REPORT_LUNS_LEN)
+        r = await execute(probe, scsi.cdb_report_luns(_REPORT_LUNS_LEN),
+                          Direction.FROM_DEVICE, _REPORT_LUNS_LEN)
         if r.host != HostByte.DID_OK or r.status != Status.GOOD or len(r.data) < 8:
             return None
         return scsi.parse_report_luns(r.data)
@@ -427,7 +428,7 @@ class ScsiHost:
         async with self._lock:
             gone: list[ScsiDevice] = []
             for sdev in list(self.devices.values()):
-                r = await self.adapter.queuecommand(sdev, bytes(6), Direction.NONE, 0)
+                r = await execute(sdev, bytes(6), Direction.NONE, 0)
                 if r.host == HostByte.DID_NO_CONNECT:
                     gone.append(sdev)
         for sdev in gone:

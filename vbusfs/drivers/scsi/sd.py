@@ -32,6 +32,7 @@ from vbusfs.drivers.scsi.device import (
     ScsiDevice,
     ScsiRequest,
     decide,
+    execute,
 )
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.protocols import scsi
@@ -112,7 +113,7 @@ class SdDisk:
     # -- probe -------------------------------------------------------------------------------
     async def _cmd(self, cdb: bytes, length: int) -> CmdResult:
         d = Direction.FROM_DEVICE if length else Direction.NONE
-        return await self.sdev.adapter.queuecommand(self.sdev, cdb, d, length)
+        return await execute(self.sdev, cdb, d, length)
 
     async def revalidate(self) -> None:
         """``sd_revalidate_disk``. Raises OSError when the capacity cannot be read."""

@@ -346,3 +346,39 @@ async def test_nonsense_completions_are_dropped_or_fail_the_command(
         monkeypatch.undo()
         await rig.disk().write(0, b"ok" * 256)                    # still works
         assert await rig.disk().read(0, 512) == b"ok" * 256
+
+
+async def test_completions_decode_as_linux_does(tmp_path: Path) -> None:
+    """storvsc_on_io_completion / storvsc_handle_error (reference §4.5): INQUIRY and MODE
+    SENSE(6) always succeed; sense only with CHECK CONDITION and AUTOSENSE_VALID; INVALID_LUN
+    is no connect; ERROR without sense is DID_ERROR but for TEST UNIT READY; the transfer
+    length is zeroed on failure (but DATA_OVERRUN) and clamped to the request."""
+    from vbusfs.drivers.scsi.device import Direction, ScsiDevice, ScsiRequest
+    from vbusfs.drivers.vmbus.storvsc import _Slot
+
+    def completion(srb_status: int, scsi_status: int, dtl: int,
+                   sense: bytes = b"") -> bytes:
+        return struct.pack("<III", 1, 0, 0) + struct.pack(
+            "<HBBBBBBBBBBI20s", 0x34, srb_status, scsi_status, 0, 0, 0, 0, 16, 0x14, 0, 0,
+            dtl, sense) + bytes(16)
+
+    sense = bytes((0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0))
+    async with storvsc_machine(tmp_path) as rig:
+        stray = ScsiDevice(rig.ctrl, 0, 0, 1, 9)          # not a device of the host
+
+        def decode(op: int, length: int, payload: bytes) -> CmdResult:
+            req = ScsiRequest(bytes((op,)) + bytes(9), Direction.FROM_DEVICE, length, [])
+            return rig.ctrl._decode(_Slot(stray, req), payload)
+
+        for op in (0x12, 0x1A):                           # INQUIRY, MODE SENSE(6)
+            assert decode(op, 36, completion(0x86, 2, 0, sense)) == \
+                CmdResult(HostByte.DID_OK, 0, b"", 0)
+        r = decode(0x5A, 36, completion(0x86, 2, 0, sense))   # MODE SENSE(10): not forced
+        assert (r.host, r.status, r.sense[:14]) == (HostByte.DID_OK, 2, sense[:14])
+        assert decide(r) == errno.EREMOTEIO
+        r = decode(0x28, 512, completion(0x06, 2, 512, sense))   # no AUTOSENSE: no sense
+        assert (r.host, r.sense, r.transferred) == (HostByte.DID_ERROR, b"", 0)
+        assert decode(0x00, 0, completion(0x04, 2, 0)).host == HostByte.DID_OK   # TUR
+        assert decode(0x28, 512, completion(0x20, 2, 0)).host == HostByte.DID_NO_CONNECT
+        assert decode(0x28, 512, completion(0x12, 0, 300)).transferred == 300    # overrun
+        assert decode(0x28, 512, completion(0x01, 0, 99999)).transferred == 512  # clamped

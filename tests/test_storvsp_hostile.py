@@ -74,48 +74,64 @@ Generated = tuple[int, int, bytes, bytes | Ranges, Good]
 
 
 @st.composite
+def ranges(draw: st.DrawFn) -> tuple[bytes | Ranges, Good]:
+    """A descriptor extension: mostly one range over the harness's data pages, sometimes
+    a PFN that is not there or is the ring, two ranges, or bytes that mean nothing."""
+    shape = draw(st.sampled_from(["good"] * 6 + ["bad pfn", "two", "garbage", "none"]))
+    if shape == "garbage":
+        raw = draw(st.binary(max_size=40))
+        return raw[:len(raw) // 8 * 8], None
+    if shape == "none":
+        return b"", None
+    offset = draw(st.sampled_from([0, 0, 0, 1, 512, 4095]))
+    length = draw(st.sampled_from([1, 512, 4096, 8192, 60_000]) |
+                  st.integers(1, 64 * PAGE_SIZE - offset))
+    n = -(-(offset + length) // PAGE_SIZE)
+    first = draw(st.integers(0, 64 - n))
+    pfns = [-1 - (first + i) for i in range(n)]
+    if shape == "bad pfn":
+        pfns[draw(st.integers(0, n - 1))] = draw(st.sampled_from(
+            [0, 1 << 40, 2**64 - 1, MEMORY.nr_frames, RING]))
+    out: Ranges = [(length, offset, pfns)]
+    if shape == "two":
+        out.append((512, 0, [-1]))
+    return out, (length, offset, tuple(pfns)) if shape == "good" else None
+
+
+@st.composite
 def packets(draw: st.DrawFn) -> Generated:
     """(type, flags, payload, descriptor extension or the ranges to build it from, the one
     well-formed range or None). In a PFN list a negative number is the harness's data page
-    −1−n, RING a ring page, anything else itself."""
-    ptype = draw(st.sampled_from([6, 6, 6, 9, 9, 9, 0x0B, 1, 7, 8]) | st.integers(0, 0xFFFF))
-    flags = draw(st.sampled_from([1, 1, 1, 0, 3]))
-    op = draw(st.sampled_from([3, 3, 3, 3, 7, 8, 9, 10, 13, 4, 5, 6, 1, 2, 11, 12, 14, 99,
-                               2**32 - 1]))
+    −1−n, RING a ring page, anything else itself. Most are EXECUTE_SRBs a disk will look
+    into (the right length, a CDB as long as its opcode needs, LUN 0 or 1, a range); the
+    rest anything at all."""
+    plausible = draw(st.integers(0, 9)) < 7
+    cdb = draw(cdbs())
+    if plausible:
+        ptype, flags, op = draw(st.sampled_from([9, 9, 9, 6])), 1, 3
+        cdb_len = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(cdb[0] >> 5, 16)
+        path, target, lun = 0, 0, draw(st.sampled_from([0, 0, 1, 2]))
+        dtl = draw(st.sampled_from([0, 512, 4096, 8192]) | st.integers(0, 70_000))
+    else:
+        ptype = draw(st.sampled_from([6, 9, 0x0B, 1, 7, 8]) | st.integers(0, 0xFFFF))
+        flags = draw(st.sampled_from([1, 1, 0, 3]))
+        op = draw(st.sampled_from([3, 3, 7, 8, 9, 10, 13, 4, 5, 6, 1, 2, 11, 12, 14, 99,
+                                   2**32 - 1]))
+        cdb_len = draw(st.sampled_from([6, 10, 12, 16, 0, 1, 17, 255]))
+        path, target = draw(st.sampled_from([0, 1, 7])), draw(st.sampled_from([0, 1, 2]))
+        lun = draw(st.sampled_from([0, 1, 2, 5, 254, 255]))
+        dtl = draw(lengths)
     srb = struct.pack("<HBBBBBBBBBBI", draw(st.sampled_from([0x34, 0x24, 0, 0xFFFF])),
-                      draw(st.integers(0, 255)), draw(st.integers(0, 255)), 0,
-                      draw(st.sampled_from([0, 0, 1, 7])), draw(st.sampled_from([0, 0, 1, 2])),
-                      draw(st.sampled_from([0, 1, 2, 5, 254, 255])),
-                      draw(st.sampled_from([6, 10, 12, 16, 0, 1, 17, 255])), 0x14,
-                      draw(st.sampled_from([0, 1, 2, 3])), 0, draw(lengths))
-    srb += draw(cdbs()) + bytes(4) + draw(st.binary(min_size=16, max_size=16))
+                      draw(st.integers(0, 255)), draw(st.integers(0, 255)), 0, path, target,
+                      lun, cdb_len, 0x14, draw(st.sampled_from([0, 1, 1, 2, 3])), 0, dtl)
+    srb += cdb + bytes(4) + draw(st.binary(min_size=16, max_size=16))
     payload = struct.pack("<III", op, 1, draw(u32)) + srb
-    if draw(st.booleans()):
+    if not plausible and draw(st.booleans()):
         payload = payload[:draw(st.integers(0, 80))]
-    good: Good = None
     ext: bytes | Ranges = b""
+    good: Good = None
     if ptype == 9 or draw(st.booleans()):
-        shape = draw(st.sampled_from(["good", "good", "good", "bad pfn", "two", "garbage",
-                                      "none"]))
-        if shape in ("good", "bad pfn", "two"):
-            offset = draw(st.sampled_from([0, 0, 1, 512, 4095]))
-            length = draw(st.sampled_from([1, 512, 4096, 8192, 60_000]) |
-                          st.integers(1, 64 * PAGE_SIZE - offset))
-            n = -(-(offset + length) // PAGE_SIZE)
-            first = draw(st.integers(0, 64 - n))
-            pfns = [-1 - (first + i) for i in range(n)]
-            if shape == "bad pfn":
-                pfns[draw(st.integers(0, n - 1))] = draw(st.sampled_from(
-                    [0, 1 << 40, 2**64 - 1, MEMORY.nr_frames, RING]))
-            ranges: Ranges = [(length, offset, pfns)]
-            if shape == "two":
-                ranges.append((512, 0, [-1]))
-            ext = ranges
-            if shape == "good":
-                good = (length, offset, tuple(pfns))
-        elif shape == "garbage":
-            raw = draw(st.binary(max_size=40))
-            ext = raw[:len(raw) // 8 * 8]
+        ext, good = draw(ranges())
     return ptype, flags, payload, ext, good
 
 

@@ -20,6 +20,7 @@ from vbusfs.protocols.vmbus.ring import (
     Ring,
     init_ring,
     pack_gpa_direct,
+    pack_gpa_direct_one,
     parse_gpa_direct,
 )
 
@@ -202,6 +203,9 @@ def test_gpa_direct_packet_on_the_ring() -> None:
     written, _ = ring.write(9, 1, 0x42, payload,
                             pack_gpa_direct([GpaRange(8192, 512, pfns)]))
     assert written
+    # the one-range form the guest uses per request writes the same bytes
+    assert pack_gpa_direct_one(8192, 512, list(pfns)) == \
+        pack_gpa_direct([GpaRange(8192, 512, pfns)])
     d = bytes(mem[PAGE_SIZE:PAGE_SIZE + 32 + 24 + 64])
     n = len(pfns)
     assert struct.unpack_from("<HHHHQ", d) == (9, 4 + n, 12 + n, 1, 0x42)

@@ -382,3 +382,5 @@ async def test_completions_decode_as_linux_does(tmp_path: Path) -> None:
         assert decode(0x28, 512, completion(0x20, 2, 0)).host == HostByte.DID_NO_CONNECT
         assert decode(0x28, 512, completion(0x12, 0, 300)).transferred == 300    # overrun
         assert decode(0x28, 512, completion(0x01, 0, 99999)).transferred == 512  # clamped
+        assert decode(0x28, 512, completion(0x01, 0, 100)) == \
+            CmdResult(HostByte.DID_OK, 0, b"", 100)                              # short

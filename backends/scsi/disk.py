@@ -25,7 +25,7 @@ import logging
 import struct
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from backends.storage.executor import ImageExecutor, Request, StorageOp
@@ -80,6 +80,8 @@ def _illegal(asc: int, host: HostStatus = HostStatus.INVALID_REQUEST) -> ScsiRes
                       scsi.sense_fixed(SenseKey.ILLEGAL_REQUEST, asc), 0)
 
 
+_RW10 = struct.Struct(">BBIBHB")
+_RW16 = struct.Struct(">BBQIBB")
 _OVERRUN = ScsiResult(HostStatus.DATA_OVERRUN, Status.CHECK_CONDITION,
                       scsi.sense_fixed(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB), 0)
 _WRITE_PROTECTED = ScsiResult(HostStatus.ERROR, Status.CHECK_CONDITION,
@@ -136,23 +138,23 @@ class DiskRequest(Request):
     owner: PendingCommand | None = None
 
 
-@dataclass(eq=False)
 class PendingCommand:
     """A command waiting for the image: its executor requests, the token its transport
     answers it by, and the result once every request is back (:meth:`finished`)."""
 
-    disk: ScsiDisk
-    token: object
-    requests: list[DiskRequest]
-    tx: int
-    writes: bool
-    _left: int = 0
-    _error: int = 0
-    result: ScsiResult | None = field(default=None)
+    __slots__ = ("disk", "token", "requests", "tx", "writes", "_left", "_error", "result")
 
-    def __post_init__(self) -> None:
-        self._left = len(self.requests)
-        for r in self.requests:
+    def __init__(self, disk: ScsiDisk, token: object, requests: list[DiskRequest], tx: int,
+                 writes: bool) -> None:
+        self.disk = disk
+        self.token = token
+        self.requests = requests
+        self.tx = tx
+        self.writes = writes
+        self._left = len(requests)
+        self._error = 0
+        self.result: ScsiResult | None = None
+        for r in requests:
             r.owner = self
 
     def finished(self, req: DiskRequest) -> bool:
@@ -377,22 +379,30 @@ class ScsiDisk:
         return PendingCommand(self, token, reqs, tx, writes)
 
     def _rw(self, cdb: bytes, buf: DataBuffer, token: object) -> ScsiResult | PendingCommand:
-        c = scsi.parse_rw(cdb)
-        write = c.op in (Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16)
-        if c.op in (Op.READ_10, Op.WRITE_10, Op.READ_12, Op.WRITE_12) and c.flags & 0x01:
+        op = cdb[0]
+        if op == Op.READ_10 or op == Op.WRITE_10:      # the usual ones, without a Cdb object
+            _op, flags, lba, _g, blocks, _c = _RW10.unpack_from(cdb)
+        elif op == Op.READ_16 or op == Op.WRITE_16:
+            _op, flags, lba, blocks, _g, _c = _RW16.unpack_from(cdb)
+        else:
+            c = scsi.parse_rw(cdb)
+            flags, lba, blocks = c.flags, c.lba, c.blocks
+        write = op in (Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16)
+        if op in (Op.READ_10, Op.WRITE_10, Op.READ_12, Op.WRITE_12) and flags & 0x01:
             return _illegal(Asc.INVALID_FIELD_IN_CDB)     # relative addressing
         # a buffer shorter than the CDB says, or no blocks at all: Hyper-V's ILLEGAL BLOCK
-        if c.blocks == 0 or c.blocks > buf.length >> self.shift or \
-                not self._in_range(c.lba, c.blocks):
+        if blocks == 0 or blocks > buf.length >> self.shift or \
+                not self._in_range(lba, blocks):
             return _illegal(Asc.LBA_OUT_OF_RANGE)
         if write and self.params.readonly:
             return _WRITE_PROTECTED
         if not write and not buf.host_writes:
             return _illegal(Asc.INVALID_FIELD_IN_CDB)
-        n = c.blocks << self.shift
-        req = DiskRequest(StorageOp.WRITE if write else StorageOp.READ, c.lba << self.shift, n,
-                          buf.iov(n), False, c.fua and write)
-        return self._pending(token, [req], n, write)
+        n = blocks << self.shift
+        fua = bool(flags & 0x08) and write and op not in (Op.READ_6, Op.WRITE_6)
+        req = DiskRequest(StorageOp.WRITE if write else StorageOp.READ, lba << self.shift, n,
+                          buf.iov(n), False, fua)
+        return PendingCommand(self, token, [req], n, write)
 
     def _sync(self, cdb: bytes, buf: DataBuffer, token: object) -> ScsiResult | PendingCommand:
         return self._pending(token, [DiskRequest(StorageOp.FLUSH)], 0, False)

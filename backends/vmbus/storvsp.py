@@ -34,8 +34,9 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import struct
 from collections.abc import Iterable
-from typing import cast
+from typing import NamedTuple, cast
 
 import trio
 
@@ -101,6 +102,27 @@ class _Malformed(Exception):
     """A packet this host answers STATUS_INVALID_PARAMETER."""
 
 
+class _SrbView(NamedTuple):
+    """The request fields of an SRB this host reads."""
+
+    path_id: int
+    target_id: int
+    lun: int
+    cdb_length: int
+    data_in: int
+    data_transfer_length: int
+    cdb: bytes
+
+
+#: the same offsets as :data:`~vbusfs.protocols.vmbus.storvsc.SRB`, reading only those
+_SRB_FIELDS = struct.Struct("<5xBBBBxBxI20s16x")
+#: a whole completion: vstor_packet header, then length, srb_status, scsi_status, 5 bytes
+#: of address and CDB length (only the CDB length is set), sense_info_length, data_in and
+#: reserved, data_transfer_length, the sense in the CDB union, the WIN8 extension zeroed
+_COMPLETION = struct.Struct("<IIIHBB4xBBxxI20s16x")
+assert _COMPLETION.size == sv.VSTOR_PACKET_SIZE and _SRB_FIELDS.size == sv.SRB_SIZE
+
+
 def disk_params(lun: ScsiLunConfig, name: str) -> ScsiDiskParams:
     return ScsiDiskParams(name, lun.image, lun.size, lun.readonly, lun.sector_size, lun.serial,
                           lun.vendor, lun.model, lun.rotational, lun.discard, lun.write_cache,
@@ -128,6 +150,7 @@ class Storvsp:
         self._gen = 0                      # which opening of the channel an answer is for
         self._outbox: collections.deque[tuple[int, int, bytes]] = collections.deque()
         self._queues: dict[ScsiDisk, collections.deque[DiskRequest]] = {}
+        self._dirty: set[ScsiDisk] = set()            # disks whose queue got requests
         self._in_handler = False
         self.broken = False
         # counters for tests and diagnostics
@@ -221,11 +244,11 @@ class Storvsp:
             return True
         self._in_handler = True
         try:
-            while self._flush_outbox():
-                pkts = ep.poll()
-                if not pkts:
-                    break
-                for pkt in pkts:
+            # One drain: a packet the guest writes after it found the ring empty, and
+            # signals; the doorbell runs this handler again for that (poll left the read
+            # index published and interrupts unmasked).
+            if self._flush_outbox():
+                for pkt in ep.poll():
                     self._handle(pkt)
                 self._submit_all()
             ep.flush_signal()
@@ -286,7 +309,8 @@ class Storvsp:
             self.malformed += 1
             log.debug("%s: request %#x refused: %s", self.name, pkt.trans_id, e)
             self._reply(pkt.trans_id, size, NtStatus.INVALID_PARAMETER, sv.Srb(
-                srb_status=SrbStatus.INVALID_REQUEST, cdb_length=sv.STORVSC_MAX_CMD_LEN).pack())
+                srb_status=SrbStatus.INVALID_REQUEST, cdb_length=sv.STORVSC_MAX_CMD_LEN,
+                data_in=0).pack())
         except ValueError as e:
             self.malformed += 1
             log.debug("%s: request %#x refused: %s", self.name, pkt.trans_id, e)
@@ -347,7 +371,7 @@ class Storvsp:
             self._reply(pkt.trans_id, size, NtStatus.INVALID_DEVICE_STATE)
 
     # -- EXECUTE_SRB -----------------------------------------------------------------------
-    def _buffer(self, pkt: Packet, srb: sv.Srb) -> DataBuffer:
+    def _buffer(self, pkt: Packet, srb: _SrbView) -> DataBuffer:
         """The SRB's data buffer, every part of it checked (raises :class:`_Malformed`)."""
         dtl = srb.data_transfer_length
         host_writes = srb.data_in != sv.DataIn.WRITE
@@ -371,8 +395,22 @@ class Storvsp:
         chan = self._chan
         assert chan is not None and chan.memory is not None
         mem = chan.memory
-        for pfn in r.pfns:
-            if not 0 < pfn < mem.nr_frames or pfn in chan.ring_pfns:
+        pfns, ring = r.pfns, chan.ring_pfns
+        if not pfns:                          # a range of no bytes
+            return DataBuffer([], host_writes)
+        first, last = pfns[0], pfns[-1]
+        if last - first == len(pfns) - 1:
+            # one run of frames (what a guest's pool hands out): checked as a whole, and
+            # one view for the executor
+            if not (0 < first and last < mem.nr_frames and
+                    (last < ring.start or first >= ring.stop)):
+                raise _Malformed(f"PFNs {first:#x}-{last:#x} are outside guest memory or "
+                                 "in the ring")
+            if not dtl:
+                return DataBuffer([], host_writes)
+            return DataBuffer([mem.gpa_view(first * PAGE_SIZE + r.offset, dtl)], host_writes)
+        for pfn in pfns:
+            if not 0 < pfn < mem.nr_frames or pfn in ring:
                 raise _Malformed(f"PFN {pfn:#x} is outside guest memory or in the ring")
         views: list[memoryview] = []
         left, at = dtl, r.offset
@@ -397,7 +435,13 @@ class Storvsp:
     def _execute_srb(self, pkt: Packet, size: int) -> None:
         if size < 16:
             raise _Malformed(f"SRB of {size} bytes: shorter than its fixed part")
-        srb = sv.Srb.unpack(pkt.payload[sv.HEADER.size:sv.HEADER.size + size])
+        payload = pkt.payload
+        if size == sv.SRB_SIZE:               # the usual case: no dataclass on the way
+            srb = _SrbView(*_SRB_FIELDS.unpack_from(payload, sv.HEADER.size))
+        else:
+            full = sv.Srb.unpack(payload[sv.HEADER.size:sv.HEADER.size + size])
+            srb = _SrbView(full.path_id, full.target_id, full.lun, full.cdb_length,
+                           full.data_in, full.data_transfer_length, full.cdb)
         n = srb.cdb_length
         if not 1 <= n <= sv.STORVSC_MAX_CMD_LEN:
             raise _Malformed(f"CDB length {n}")
@@ -415,7 +459,11 @@ class Storvsp:
         elif disk is not None:
             out = disk.execute(cdb, buf, token)
             if isinstance(out, PendingCommand):
-                self._queues.setdefault(disk, collections.deque()).extend(out.requests)
+                q = self._queues.get(disk)
+                if q is None:
+                    q = self._queues[disk] = collections.deque()
+                q.extend(out.requests)
+                self._dirty.add(disk)
                 return
             result = out
         elif cdb[0] == Op.INQUIRY:
@@ -424,7 +472,7 @@ class Storvsp:
             result = ScsiResult(HostStatus.INVALID_LUN, Status.CHECK_CONDITION, None, 0)
         self._complete(pkt.trans_id, size, result)
 
-    def _report_luns(self, srb: sv.Srb, buf: DataBuffer) -> ScsiResult:
+    def _report_luns(self, srb: _SrbView, buf: DataBuffer) -> ScsiResult:
         """Answered by the controller for its path and target, whatever LUN it names."""
         if buf.length < 8:
             return ScsiResult(HostStatus.SUCCESS, Status.GOOD, None, 0)
@@ -435,7 +483,7 @@ class Storvsp:
                           buf.write(scsi.report_luns(luns)))
 
     @staticmethod
-    def _inquiry_no_lun(srb: sv.Srb, cdb: bytes, buf: DataBuffer) -> ScsiResult:
+    def _inquiry_no_lun(srb: _SrbView, cdb: bytes, buf: DataBuffer) -> ScsiResult:
         alloc = int.from_bytes(cdb[3:5], "big")
         if buf.length < alloc or srb.data_in != sv.DataIn.READ or alloc < 5 or \
                 cdb[1] & 0x01 or cdb[2]:
@@ -445,18 +493,24 @@ class Storvsp:
                           buf.write(data[:min(alloc, len(data))]))
 
     def _complete(self, trans_id: int, size: int, r: ScsiResult) -> None:
+        """COMPLETE_IO with the SRB OpenVMM answers: its length 0x34, the statuses, CDB
+        length 16, sense length 0x14, the bytes moved, the sense in the CDB's place."""
         srb_status = _HOST_STATUS_SRB[r.host] | (sv.SRB_STATUS_AUTOSENSE_VALID if r.sense
                                                  else 0)
-        body = sv.Srb(srb_status=srb_status, scsi_status=r.status,
-                      cdb_length=sv.STORVSC_MAX_CMD_LEN, data_transfer_length=r.tx,
-                      cdb=r.sense or b"").pack()
-        self._reply(trans_id, size, sv.srb_status_to_ntstatus(srb_status), body)
+        nt = NtStatus.SUCCESS if srb_status == SrbStatus.SUCCESS else \
+            sv.srb_status_to_ntstatus(srb_status)
+        payload = _COMPLETION.pack(Operation.COMPLETE_IO, 0, nt, sv.SRB_SIZE, srb_status,
+                                   r.status, sv.STORVSC_MAX_CMD_LEN, sv.SENSE_BUFFER_SIZE,
+                                   r.tx, r.sense or b"")
+        if size != sv.SRB_SIZE:
+            payload = payload[:sv.HEADER.size + size].ljust(sv.HEADER.size + size, b"\0")
+        self._write(PacketType.COMP, trans_id, payload)
 
     # -- the image executors -----------------------------------------------------------------
     def _submit_all(self) -> None:
-        for disk, q in self._queues.items():
-            if q:
-                self._submit(disk, q)
+        dirty, self._dirty = self._dirty, set()
+        for disk in dirty:
+            self._submit(disk, self._queues[disk])
 
     def _submit(self, disk: ScsiDisk, q: collections.deque[DiskRequest]) -> None:
         ex = disk.executor

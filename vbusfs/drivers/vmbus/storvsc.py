@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import struct
 from dataclasses import dataclass, field
 
 import trio
@@ -59,10 +60,9 @@ from vbusfs.protocols.scsi import Op as ScsiOp
 from vbusfs.protocols.vmbus import storvsc as sv
 from vbusfs.protocols.vmbus.ring import (
     COMPLETION_REQUESTED,
-    GpaRange,
     Packet,
     PacketType,
-    pack_gpa_direct,
+    pack_gpa_direct_one,
 )
 from vbusfs.protocols.vmbus.storvsc import Operation, SrbStatus
 
@@ -86,19 +86,44 @@ def can_queue_for(ring: int, sub_channels: int = 0) -> int:
     return (ring - PAGE_SIZE) // _PER_REQUEST * (sub_channels + 1) * 90 // 100
 
 
-@dataclass(eq=False)
 class _Slot:
     """One tag in flight: an engine command (``transport``/``cmd``) or a command of the
-    midlayer's own (``done`` is set when ``result`` is)."""
+    midlayer's own (``done`` is set when ``result`` is). A plain class with slots: one is
+    made per command, on the I/O path."""
 
-    sdev: ScsiDevice
-    req: ScsiRequest
-    transport: StorvscTransport | None = None
-    cmd: Command | None = None
-    done: trio.Event | None = None
-    result: CmdResult | None = None
-    retries: int = 0
-    tag: int = -1
+    __slots__ = ("sdev", "req", "transport", "cmd", "done", "result", "retries", "tag")
+
+    def __init__(self, sdev: ScsiDevice, req: ScsiRequest,
+                 transport: StorvscTransport | None = None, cmd: Command | None = None,
+                 done: trio.Event | None = None) -> None:
+        self.sdev = sdev
+        self.req = req
+        self.transport = transport
+        self.cmd = cmd
+        self.done = done
+        self.result: CmdResult | None = None
+        self.retries = 0
+        self.tag = -1
+
+
+#: a whole EXECUTE_SRB request: the vstor_packet header and the WIN8 vmscsi_request
+_REQUEST = struct.Struct("<III" + sv.SRB.format.lstrip("<"))
+assert _REQUEST.size == sv.VSTOR_PACKET_SIZE
+#: storvsc_queuecommand's data_in and srb_flags for each direction
+_DIRECTION = {
+    Direction.NONE: (sv.DataIn.UNKNOWN, sv.SrbFlags.DISABLE_SYNCH_TRANSFER.value),
+    Direction.TO_DEVICE: (sv.DataIn.WRITE, (sv.SrbFlags.DISABLE_SYNCH_TRANSFER |
+                                            sv.SrbFlags.DATA_OUT).value),
+    Direction.FROM_DEVICE: (sv.DataIn.READ, (sv.SrbFlags.DISABLE_SYNCH_TRANSFER |
+                                             sv.SrbFlags.DATA_IN).value),
+}
+#: what a tagged device adds (storvsc_queuecommand: scmnd->device->tagged_supported)
+_TAGGED_FLAGS = (sv.SrbFlags.QUEUE_ACTION_ENABLE | sv.SrbFlags.NO_QUEUE_FREEZE).value
+#: what a completion's decoding reads: srb_status, scsi_status, sense_info_length,
+#: data_transfer_length and the sense (the vstor_packet header and the SRB fields the guest
+#: sent skipped)
+_REPLY = struct.Struct("<14xBB5xB2xI20s")
+assert _REPLY.size == sv.HEADER.size + 36
 
 
 @dataclass(eq=False)
@@ -167,30 +192,22 @@ class Storvsc:
         return (16 + header + sv.VSTOR_PACKET_SIZE + 7) // 8 * 8 + 8
 
     def _send(self, tag: int, sdev: ScsiDevice, req: ScsiRequest) -> bool:
-        """Write an EXECUTE_SRB for ``req``; False when the ring has no room."""
+        """Write an EXECUTE_SRB for ``req`` (``storvsc_queuecommand`` + ``storvsc_do_io``);
+        False when the ring has no room."""
         slot = self._inflight.get(tag)
         if slot is not None:
             slot.tag = tag
         tagged = sdev.tagged
-        data_in = {Direction.NONE: sv.DataIn.UNKNOWN, Direction.TO_DEVICE: sv.DataIn.WRITE,
-                   Direction.FROM_DEVICE: sv.DataIn.READ}[req.direction]
-        flags = sv.SrbFlags.DISABLE_SYNCH_TRANSFER
-        if tagged:
-            flags |= sv.SrbFlags.QUEUE_ACTION_ENABLE | sv.SrbFlags.NO_QUEUE_FREEZE
-        if req.direction == Direction.FROM_DEVICE:
-            flags |= sv.SrbFlags.DATA_IN
-        elif req.direction == Direction.TO_DEVICE:
-            flags |= sv.SrbFlags.DATA_OUT
-        srb = sv.Srb(port_number=self.port_number, path_id=sdev.channel, target_id=sdev.id,
-                     lun=sdev.lun, cdb_length=len(req.cdb), data_in=data_in,
-                     data_transfer_length=req.length, cdb=req.cdb,
-                     queue_tag=sv.SP_UNTAGGED if tagged else 0,
-                     queue_action=sv.SRB_SIMPLE_TAG_REQUEST if tagged else 0,
-                     srb_flags=int(flags), time_out_value=sv.STORVSC_TIMEOUT_VALUE)
-        payload = sv.pack_packet(Operation.EXECUTE_SRB, srb.pack(),
-                                 flags=sv.REQUEST_COMPLETION_FLAG)
+        data_in, flags = _DIRECTION[req.direction]
+        cdb = req.cdb
+        payload = _REQUEST.pack(
+            Operation.EXECUTE_SRB, sv.REQUEST_COMPLETION_FLAG, 0,
+            sv.SRB_SIZE, 0, 0, self.port_number, sdev.channel, sdev.id, sdev.lun, len(cdb),
+            sv.SENSE_BUFFER_SIZE, data_in, 0, req.length, cdb, 0,
+            sv.SP_UNTAGGED if tagged else 0, sv.SRB_SIMPLE_TAG_REQUEST if tagged else 0,
+            flags | _TAGGED_FLAGS if tagged else flags, sv.STORVSC_TIMEOUT_VALUE, 0)
         if req.length:
-            header = pack_gpa_direct([GpaRange(req.length, 0, tuple(req.pages))])
+            header = pack_gpa_direct_one(req.length, 0, req.pages)
             return self.ep.try_write(PacketType.DATA_USING_GPA_DIRECT, COMPLETION_REQUESTED,
                                      tag + 1, payload, header)
         return self.ep.try_write(PacketType.DATA_INBAND, COMPLETION_REQUESTED, tag + 1,
@@ -398,17 +415,20 @@ class Storvsc:
     def _decode(self, slot: _Slot, payload: bytes) -> CmdResult:
         """``storvsc_on_io_completion`` + ``storvsc_command_completion`` +
         ``storvsc_handle_error``."""
-        srb = sv.Srb.unpack(payload[sv.HEADER.size:])
+        raw_status, scsi_status, sense_len, dtl, sense_area = _REPLY.unpack_from(payload)
+        length = slot.req.length
+        if raw_status == SrbStatus.SUCCESS and not scsi_status:
+            return CmdResult(HostByte.DID_OK, 0, b"", dtl if dtl < length else length)
         op = slot.req.cdb[0]
-        srb_status, scsi_status = srb.srb_status, srb.scsi_status
+        srb_status = raw_status
         if op in (ScsiOp.INQUIRY, ScsiOp.MODE_SENSE):
             # Linux: "hosts mishandle INQUIRY page 0x80 and MODE SENSE page 0x1C"
             srb_status, scsi_status = SrbStatus.SUCCESS, 0
         sense = b""
         if scsi_status == scsi.Status.CHECK_CONDITION and \
                 srb_status & sv.SRB_STATUS_AUTOSENSE_VALID:
-            sense = srb.cdb[:min(srb.sense_info_length, sv.SENSE_BUFFER_SIZE)]
-        dtl = min(srb.data_transfer_length, slot.req.length)
+            sense = sense_area[:min(sense_len, sv.SENSE_BUFFER_SIZE)]
+        dtl = min(dtl, length)
         host = HostByte.DID_OK
         if srb_status != SrbStatus.SUCCESS:
             parsed = scsi.parse_sense(sense) if sense else None
@@ -430,7 +450,7 @@ class Storvsc:
                 dtl = 0
         if srb_status != SrbStatus.SUCCESS or scsi_status:
             log.info("storvsc %s: %s: cmd %#x status: scsi %#x srb %#x hv %#x",
-                     self.dev.name, slot.sdev.name, op, scsi_status, srb.srb_status,
+                     self.dev.name, slot.sdev.name, op, scsi_status, raw_status,
                      int.from_bytes(payload[8:12], "little"))
         return CmdResult(host, scsi_status, sense, dtl)
 

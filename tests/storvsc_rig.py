@@ -89,7 +89,10 @@ async def storvsc_machine(state_dir: Path, luns: list[dict[str, Any]] | None = N
                           max_transfer: int = MAX_TRANSFER,
                           guest_versions: tuple[int, ...] = sv.LINUX_VERSIONS,
                           ring_bytes: int = RING_BYTES, pool_pages: int = POOL_PAGES,
-                          expect_ready: bool = True) -> AsyncIterator[StorvscRig]:
+                          expect_ready: bool = True,
+                          first_host: int = 0) -> AsyncIterator[StorvscRig]:
+    """``first_host``: the SCSI host numbers taken before this controller's (the hosts of the
+    controllers a large machine probes first)."""
     luns = [{"lun": 0, "size": "16M"}] if luns is None else luns
     cfg = parse(tomllib.loads(lun_toml(luns)), state_dir, "<test>")
     cfg.machine.state_dir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,8 @@ async def storvsc_machine(state_dir: Path, luns: list[dict[str, Any]] | None = N
     host = VmbusHost(synic, memory, [ChannelSpec("scsi", SCSI_CLASS, INSTANCE, model,
                                                  monitor=True)])
     scsi = ScsiBus(tree, memory, control, pool_pages)
+    for _ in range(first_host):
+        scsi._host_ids.take()
     bus = VmbusBus(synic, memory, tree, cpus=2)
     driver = StorvscDriver(scsi, ring_bytes, versions=guest_versions)
     bus.register(driver)

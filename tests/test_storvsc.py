@@ -127,6 +127,21 @@ async def test_io_packets_are_gpa_direct_srbs(tmp_path: Path,
         assert rig.ctrl.host_busy() == 0
 
 
+async def test_host_numbers_past_255(tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmscsi_request.port_number is a byte (reference §4.2) and Linux stores the host number
+    in it: host 300's requests carry 300 & 0xFF, and the disk works."""
+    async with storvsc_machine(tmp_path, first_host=300) as rig:
+        assert rig.ctrl.host is not None and rig.ctrl.host.host_no == 300
+        assert rig.tree.resolve(f"{DEVICE_DIR}/host300/target300:0:0/300:0:0:0/block/sda")
+        seen = spy_packets(monkeypatch, rig.storvsp)
+        data = os.urandom(4096)
+        disk = rig.disk()
+        await disk.write(4096, data)
+        assert await disk.read(4096, 4096) == data
+        assert [pkt.payload[12 + 4] for pkt in seen] == [300 & 0xFF] * 2
+
+
 # -- the tree ------------------------------------------------------------------------------------
 
 async def test_scan_builds_the_scsi_tree(tmp_path: Path) -> None:
@@ -384,3 +399,42 @@ async def test_completions_decode_as_linux_does(tmp_path: Path) -> None:
         assert decode(0x28, 512, completion(0x01, 0, 99999)).transferred == 512  # clamped
         assert decode(0x28, 512, completion(0x01, 0, 100)) == \
             CmdResult(HostByte.DID_OK, 0, b"", 100)                              # short
+
+
+async def test_unanswered_command_keeps_its_tag_and_pages_until_the_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs) -> None:
+    """A command of the midlayer's own that the host does not answer within the device's
+    timeout fails with DID_TIME_OUT; its tag and bounce page stay the host's (a late answer
+    must not land in reused memory), and come back when the answer does."""
+    from vbusfs.drivers.scsi.device import Direction, execute
+    from vbusfs.protocols import scsi
+
+    logs.expect(r"command 0x12 timed out")
+    async with storvsc_machine(tmp_path) as rig:
+        ctrl, sdev = rig.ctrl, rig.sd(0).sdev
+        held: list[Packet] = []
+        real = rig.storvsp._handle
+
+        def handle(pkt: Packet) -> None:
+            if pkt.payload[12 + 16] == 0x12 and not held:     # the first INQUIRY: held
+                held.append(pkt)
+            else:
+                real(pkt)
+
+        monkeypatch.setattr(rig.storvsp, "_handle", handle)
+
+        def taken() -> int:
+            return rig.memory.nr_frames - rig.memory.free_frames() - len(ctrl._bounce)
+
+        before = taken()
+        sdev.timeout = 0.2
+        r = await execute(sdev, scsi.cdb_inquiry(96, None), Direction.FROM_DEVICE, 96)
+        assert r.host == HostByte.DID_TIME_OUT and len(held) == 1
+        assert ctrl.host_busy() == 1 and taken() == before + 1
+        # the device still works meanwhile
+        r = await execute(sdev, scsi.cdb_inquiry(96, None), Direction.FROM_DEVICE, 96)
+        assert (r.host, r.status, r.data[8:12]) == (HostByte.DID_OK, 0, b"Msft")
+        real(held[0])                                          # the late answer,
+        rig.storvsp._interrupt()                               # published
+        await trio.testing.wait_all_tasks_blocked()
+        assert ctrl.host_busy() == 0 and taken() == before

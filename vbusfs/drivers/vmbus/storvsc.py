@@ -79,6 +79,7 @@ INIT_TIMEOUT = 5.0
 #: ring bytes Linux reserves per outstanding request (reference §4.1)
 _PER_REQUEST = 360
 _STORVSC_TIMEOUT = 180           # storvsc_timeout: the request queue's timeout, seconds
+_BOUNCE_KEPT = 4                 # one-page bounce buffers a controller keeps between commands
 
 
 def can_queue_for(ring: int, sub_channels: int = 0) -> int:
@@ -91,7 +92,8 @@ class _Slot:
     midlayer's own (``done`` is set when ``result`` is). A plain class with slots: one is
     made per command, on the I/O path."""
 
-    __slots__ = ("sdev", "req", "transport", "cmd", "done", "result", "retries", "tag")
+    __slots__ = ("sdev", "req", "transport", "cmd", "done", "result", "retries", "tag",
+                 "orphan")
 
     def __init__(self, sdev: ScsiDevice, req: ScsiRequest,
                  transport: StorvscTransport | None = None, cmd: Command | None = None,
@@ -104,6 +106,9 @@ class _Slot:
         self.result: CmdResult | None = None
         self.retries = 0
         self.tag = -1
+        # a midlayer command nobody waits for any more (it timed out): its bounce pages
+        # (pfn, count), given back with its tag when the answer comes after all
+        self.orphan: tuple[int, int] | None = None
 
 
 #: a whole EXECUTE_SRB request: the vstor_packet header and the WIN8 vmscsi_request
@@ -168,6 +173,9 @@ class Storvsc:
         self.rescans = 0
         self._rescan_wanted = False
         self._rescanning = False
+        # one-page bounce buffers of the midlayer's commands, kept for the next (a scan is
+        # dozens of them; allocating and returning a page each time costs an madvise)
+        self._bounce: list[int] = []
         # counters
         self.bogus = 0
 
@@ -296,39 +304,57 @@ class Storvsc:
             await free.wait()
         tag = self._take_tag()
         npages = -(-length // PAGE_SIZE)
-        pfn = self.memory.alloc(npages) if npages else 0
-        lost = False
+        if npages == 1 and self._bounce:
+            pfn = self._bounce.pop()
+        else:
+            pfn = self.memory.alloc(npages) if npages else 0
+        req = ScsiRequest(cdb, direction, length, list(range(pfn, pfn + npages)))
+        done = trio.Event()
+        slot = _Slot(sdev, req, done=done)
+        self._inflight[tag] = slot
         try:
-            pages = list(range(pfn, pfn + npages))
             if data_out:
                 self.memory.view(pfn, npages)[:len(data_out)] = data_out
-            req = ScsiRequest(cdb, direction, length, pages)
-            slot = _Slot(sdev, req, done=trio.Event())
-            self._inflight[tag] = slot
             while not self._send(tag, sdev, req):
                 await self._wait_space()
             self.ep.flush_signal()
-            assert slot.done is not None
-            with trio.move_on_after(sdev.timeout) as waited:
-                await slot.done.wait()
-            if waited.cancelled_caught:
-                # an answer that never came: its tag and pages stay taken, so a late one
-                # finds nothing reused
-                lost = True
+            if slot.result is None:
+                with trio.move_on_after(sdev.timeout):
+                    await done.wait()
+            else:
+                # answered from the doorbell handler the signal ran; still a checkpoint,
+                # as every trio call that can block is
+                await trio.lowlevel.checkpoint()
+            result = slot.result
+            if result is None:
                 log.warning("storvsc %s: %s: command %#x timed out", self.dev.name,
                             sdev.name, cdb[0])
                 return CmdResult(HostByte.DID_TIME_OUT, 0)
-            result = slot.result
-            assert result is not None
             data = b""
             if direction == Direction.FROM_DEVICE and result.transferred:
                 data = bytes(self.memory.view(pfn, npages)[:result.transferred])
-            self._give_tag(tag)
             return CmdResult(result.host, result.status, result.sense, result.transferred,
                              data)
         finally:
-            if npages and not lost:
-                self.memory.free(pfn, npages)
+            # Until the answer is in, tag and pages are the host's: a command that timed out
+            # or was cancelled keeps them until it comes, so it finds nothing reused.
+            if slot.result is not None:
+                self._give_back(tag, pfn, npages)
+            else:
+                slot.orphan = (pfn, npages)
+
+    def _give_back(self, tag: int, pfn: int, npages: int) -> None:
+        self._give_tag(tag)
+        if npages == 1 and len(self._bounce) < _BOUNCE_KEPT:
+            self._bounce.append(pfn)
+        elif npages:
+            self.memory.free(pfn, npages)
+
+    def release(self) -> None:
+        """The controller is gone: the bounce pages it kept go back to guest memory."""
+        for pfn in self._bounce:
+            self.memory.free(pfn, 1)
+        self._bounce.clear()
 
     def block_transport(self, sdev: ScsiDevice, sd: CommandBuilder,
                         limits: Limits) -> StorvscTransport:
@@ -458,6 +484,10 @@ class Storvsc:
         if slot.done is not None:                # the midlayer's own command
             slot.result = result
             slot.done.set()
+            if slot.orphan is not None:          # answered after its waiter gave up
+                log.info("storvsc %s: %s: late answer to command %#x", self.dev.name,
+                         slot.sdev.name, slot.req.cdb[0])
+                self._give_back(tag, *slot.orphan)
             return
         t, cmd = slot.transport, slot.cmd
         assert t is not None and cmd is not None
@@ -610,7 +640,9 @@ class StorvscDriver(VmbusDriver):
                 assert dev.dir is not None
                 host = self.scsi.add_host(dev.dir, ctrl)
                 ctrl.host = host
-                ctrl.port_number = host.host_no
+                # vmscsi_request.port_number is a byte; Linux assigns the host number to it
+                # (storvsc_probe: host_dev->port = host->host_no), so hosts 256 and up wrap
+                ctrl.port_number = host.host_no & 0xFF
                 host.nursery = nursery
                 task_status.started()
                 try:
@@ -631,6 +663,7 @@ class StorvscDriver(VmbusDriver):
                 d.pop(dev.name, None)
             if not ctrl.broken:
                 ctrl._fail_everything()
+            ctrl.release()
 
     @staticmethod
     async def _fallback(bell: Doorbell, ctrl: Storvsc) -> None:

@@ -5,6 +5,8 @@ size, written in full with zeros before the first workload (so no run pays for a
 blocks):
 
 * ``vbusfs``      — ``MNT/dev/xvda``: FUSE → gendisk → blkfront engine → blkif ring → blkback;
+* ``virtio``      — ``MNT/dev/vda``: FUSE → gendisk → the same engine → virtio-blk split
+  virtqueue over PCI → the virtio-blk device;
 * ``passthrough`` — ``bench/passthrough.py``: bare pyfuse3, one pread/pwrite per request in a
   worker thread (the ceiling for Python + FUSE);
 * ``qsd``         — ``qemu-storage-daemon --export type=fuse``;
@@ -126,6 +128,26 @@ class VbusfsTarget(Target):
     def stop(self) -> None:
         if is_mount(self.mnt):
             run([sys.executable, "-m", "mountctl", "down", str(self.mnt)], cwd=ROOT)
+
+
+class VirtioTarget(VbusfsTarget):
+    """virtio-blk over PCI, on its own mount (the same engine and executor as the Xen disk,
+    another ring)."""
+
+    name = "virtio"
+
+    def __init__(self, work: Path, size: int) -> None:
+        Target.__init__(self, work, size)
+        self.mnt = work / "mnt-virtio"
+        self.config = work / "virtio-bench.toml"
+        self.config.write_text(
+            '[machine]\nname = "bench-virtio"\nstate_dir = "virtio-state"\n\n'
+            f'[pci]\n[[pci.device]]\ntype = "virtio-blk"\nimage = "{self.image}"\n')
+        self.path = self.mnt / "dev" / "vda"
+
+
+#: the targets that are vbusfs disks, each with its own ratios (the Xen disk's unprefixed)
+DISKS = {"vbusfs": "", "virtio": "virtio_"}
 
 
 class ProcessTarget(Target):
@@ -378,11 +400,13 @@ def report(workloads: list[Workload], attr: dict[str, object] | None, names: lis
                                "runs": xs}
             row.append(f"{fmt(median(xs), w.unit)} ({fmt(min(xs), w.unit)}–"
                        f"{fmt(max(xs), w.unit)})")
-        mine = w.results.get("vbusfs")
-        for base in names[1:]:
-            theirs = w.results.get(base)
-            if mine and theirs:
-                ratios[f"{w.key}_vs_{base}"] = round(median(mine) / median(theirs), 3)
+        for disk, prefix in DISKS.items():
+            mine = w.results.get(disk)
+            for base in names:
+                theirs = w.results.get(base)
+                if base not in DISKS and mine and theirs:
+                    ratios[f"{prefix}{w.key}_vs_{base}"] = round(median(mine) /
+                                                                 median(theirs), 3)
         rows.append(row)
     doc: dict[str, object] = {"quick": args.quick, "runs": args.runs,
                               "image_mib": args.size // MiB, "targets": names,
@@ -394,7 +418,7 @@ def report(workloads: list[Workload], attr: dict[str, object] | None, names: lis
     for r in rows:
         out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)))
     out.append("")
-    out.append("ratios (vbusfs ÷ baseline; throughput, higher is better):")
+    out.append("ratios (disk ÷ baseline, virtio_ for vda; throughput, higher is better):")
     for k, v in ratios.items():
         out.append(f"  {k:36} {v:.2f}")
     if attr is not None:
@@ -425,7 +449,7 @@ def report(workloads: list[Workload], attr: dict[str, object] | None, names: lis
     out.append("")
     out.append("targets:")
     verdicts = {}
-    for key, base, goal in TARGETS:
+    for key, base, goal in [(p + k, b, g) for p in DISKS.values() for k, b, g in TARGETS]:
         k = f"{key}_vs_{base}"
         if k in ratios:
             ok = ratios[k] >= goal
@@ -470,11 +494,13 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     skipped: dict[str, str] = {}
-    kinds: list[type[Target]] = [VbusfsTarget, PassthroughTarget, QsdTarget, ImageTarget]
+    kinds: list[type[Target]] = [VbusfsTarget, VirtioTarget, PassthroughTarget, QsdTarget,
+                                 ImageTarget]
     if shutil.which("qemu-storage-daemon") is None:
         skipped["qsd"] = "qemu-storage-daemon is not installed (Debian: qemu-system-common)"
         kinds.remove(QsdTarget)
-    names = [k.name for k in (VbusfsTarget, PassthroughTarget, QsdTarget, ImageTarget)]
+    names = [k.name for k in (VbusfsTarget, VirtioTarget, PassthroughTarget, QsdTarget,
+                              ImageTarget)]
     workloads = [
         Workload("seq_write", "dd 1M write, fsync", "MB/s", dd_write(count)),
         Workload("seq_read", "dd 1M read, cold", "MB/s", dd_read(count), cold=True),

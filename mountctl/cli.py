@@ -1,8 +1,11 @@
-"""``mountctl up|down|status`` and the ``mount.vbusfs`` helper.
+"""``mountctl up|down|status|discard|shutdown|kvp`` and the ``mount.vbusfs`` helper.
 
-Exit codes: 0 ok; 1 runtime failure; 2 bad usage or bad config (nothing mounted).
+Exit codes: 0 ok; 1 runtime failure (the guest refused or did not answer, the service did
+not stop); 2 bad usage or bad config (nothing mounted, or nothing sent).
 Errors print as ``mountctl: <what>: <message>``; tracebacks only with ``--debug``.
-``down`` and ``status`` talk to a running mount only through files in its tree.
+Every verb but ``up`` talks to a running mount only through files in its tree: ``shutdown``
+and ``kvp`` through the host's transaction files ``MNT/.vbusfs/host/shutdown`` and ``kvp``
+(write a request, read the guest's answer as JSON on the same open file).
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class Verb(enum.Enum):
     DOWN = "down"
     STATUS = "status"
     DISCARD = "discard"
+    SHUTDOWN = "shutdown"
+    KVP = "kvp"
+
+
+#: KVP pools by the names mountctl accepts (enum hv_kvp_exchg_pool)
+KVP_POOLS = ("external", "guest", "auto", "auto_external", "auto_internal")
+KVP_TYPES = ("string", "expand_string", "dword", "qword", "u64")
 
 
 class Failure(Exception):
@@ -86,6 +96,59 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("disk", metavar="DISK", help="a disk name such as xvda")
     dc.add_argument("offset", metavar="OFFSET")
     dc.add_argument("length", metavar="LENGTH")
+    sd = sub.add_parser(
+        Verb.SHUTDOWN.value, allow_abbrev=False,
+        help="have the host ask the guest to shut down",
+        description="The Hyper-V host sends the guest a shutdown request through the shutdown "
+                    "integration service (or reboot, or hibernate). When the guest accepts "
+                    "and the machine's vmbus.ic config says 'unmount' (the default for "
+                    "shutdown), wait until the service has stopped and unmounted.",
+        epilog="exit codes: 0 the guest accepted (and, if so configured, the mount is gone); "
+               "1 the guest refused (e.g. hibernate without hibernation), did not answer, or "
+               "the service did not stop; 2 bad usage, not a vbusfs mount, no shutdown "
+               "service")
+    how = sd.add_mutually_exclusive_group()
+    how.add_argument("--reboot", action="store_true", help="ask for a restart")
+    how.add_argument("--hibernate", action="store_true", help="ask for hibernation")
+    sd.add_argument("--force", action="store_true", help="set the force flag (Linux always "
+                    "forces)")
+    sd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)
+    sd.add_argument("mountpoint", metavar="MOUNTPOINT")
+    kv = sub.add_parser(
+        Verb.KVP.value, allow_abbrev=False, help="KVP (data exchange) from the host's side",
+        description="The Hyper-V host's side of KVP: set, get and delete keys in a pool of "
+                    "the guest, or list a pool (the host enumerates it until the guest "
+                    "answers no more). The guest keeps pools as files, "
+                    "MOUNTPOINT/var/lib/hyperv/.kvp_pool_N.",
+        epilog="pools: 0 external (host to guest), 1 guest (what the guest publishes), "
+               "2 auto (computed by the guest: FullyQualifiedDomainName, OSName, ...), "
+               "3 auto_external (the host's guest parameters), 4 auto_internal. "
+               "exit codes: 0 the guest answered S_OK (list: reached the end); 1 it answered "
+               "anything else or not at all; 2 bad usage, not a vbusfs mount, no KVP service")
+    kv.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)
+    kv.add_argument("mountpoint", metavar="MOUNTPOINT")
+    ops = kv.add_subparsers(dest="kvp_op", required=True, metavar="OP")
+
+    def kvp_op(name: str, help_: str) -> argparse.ArgumentParser:
+        op = ops.add_parser(name, allow_abbrev=False, help=help_, description=help_)
+        op.add_argument("--pool", default="external", help="pool number (0-4) or name: "
+                        + ", ".join(KVP_POOLS) + " (default: external)")
+        op.add_argument("--json", action="store_true", help="print the guest's whole answer")
+        op.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+        return op
+    st_ = kvp_op("set", "set KEY to VALUE in the guest's pool")
+    st_.add_argument("key", metavar="KEY")
+    st_.add_argument("value", metavar="VALUE")
+    st_.add_argument("--type", default="string", choices=KVP_TYPES,
+                     help="value type: string (REG_SZ), expand_string, dword (REG_U32), "
+                          "qword (REG_QWORD 11, as Windows sends; Linux leaves it "
+                          "unconverted), u64 (Linux's REG_U64 8)")
+    kvp_op("get", "get KEY from the guest's pool").add_argument("key", metavar="KEY")
+    kvp_op("delete", "delete KEY from the guest's pool").add_argument("key", metavar="KEY")
+    kvp_op("list", "list the guest's pool, KEY=VALUE per line")
     return p
 
 
@@ -228,6 +291,154 @@ def _discard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _transact(node: Path, request: str) -> dict[str, object]:
+    """Write ``request`` to a host transaction file; the guest's answer."""
+    fd = os.open(node, os.O_RDWR)
+    try:
+        os.write(fd, request.encode())
+        chunks = []
+        off = 0
+        while chunk := os.pread(fd, 1 << 20, off):
+            chunks.append(chunk)
+            off += len(chunk)
+    finally:
+        os.close(fd)
+    doc = json.loads(b"".join(chunks))
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _ic_failure(what: str, e: OSError) -> Failure:
+    """The host's errors from a transaction file, for people."""
+    if e.errno == errno.EINVAL:
+        return Failure(what, f"the service refused the request ({e.strerror})", EXIT_USAGE)
+    reason = {
+        errno.ENOTCONN: "the guest has not negotiated this integration service (its channel "
+                        "is not open)",
+        errno.EPROTO: "the host stopped this integration service after a protocol error "
+                      "(see the service's log)",
+        errno.ETIMEDOUT: "the guest did not answer",
+    }.get(e.errno or 0, e.strerror or str(e))
+    return Failure(what, reason)
+
+
+def _ic_node(mnt: str, name: str, service: str) -> Path:
+    node = _require_vbusfs(mnt) / "host" / name
+    if not node.exists():
+        raise Failure(mnt, f"this machine has no {service} integration service", EXIT_USAGE)
+    return node
+
+
+def _wait_gone(mnt: str, pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mount_fstype(mnt) != FSTYPE and not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _shutdown(args: argparse.Namespace) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    node = _ic_node(mnt, "shutdown", "shutdown")
+    kind = "reboot" if args.reboot else "hibernate" if args.hibernate else "shutdown"
+    try:
+        pid = int((node.parent.parent / "pid").read_text())
+        reply = _transact(node, kind + (" force" if args.force else "") + "\n")
+    except OSError as e:
+        raise _ic_failure(kind, e) from None
+    if reply.get("status_name") != "S_OK":
+        raise Failure(kind, f"the guest refused the request: {reply.get('status_name')} "
+                      f"({reply.get('status')})")
+    if reply.get("action") != "unmount":
+        print(f"the guest accepted the {kind} request; the service reports it and stays "
+              f"mounted (vmbus.ic.on_{kind} = log)")
+        return EXIT_OK
+    if not _wait_gone(mnt, pid):
+        raise Failure(mnt, f"the guest accepted the {kind} request but the service (pid "
+                      f"{pid}) did not stop within 30 s")
+    print(f"the guest accepted the {kind} request; {mnt} is unmounted")
+    return EXIT_OK
+
+
+def _kvp_pool(word: str) -> int:
+    if word in KVP_POOLS:
+        return KVP_POOLS.index(word)
+    if word.isdigit() and int(word) < len(KVP_POOLS):
+        return int(word)
+    raise Failure("kvp", f"no pool {word!r} (0-4, or {', '.join(KVP_POOLS)})", EXIT_USAGE)
+
+
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def _kvp_check(args: argparse.Namespace) -> None:
+    """What a KVP message can carry (HV_KVP_EXCHANGE_MAX_KEY_SIZE 512 and _VALUE_SIZE 2048
+    bytes of UTF-16, NUL included), checked before anything is sent."""
+    if args.kvp_op == "list":
+        return
+    if not args.key or "\0" in args.key or _units(args.key) > 255:
+        raise Failure("kvp", "a key is 1 to 255 UTF-16 units without NUL", EXIT_USAGE)
+    if args.kvp_op != "set":
+        return
+    if args.type in ("string", "expand_string"):
+        if "\0" in args.value or _units(args.value) > 1023:
+            raise Failure("kvp", "a value is at most 1023 UTF-16 units without NUL",
+                          EXIT_USAGE)
+        return
+    bits = 32 if args.type == "dword" else 64
+    try:
+        number = int(args.value, 0)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 1 << bits:
+        raise Failure("kvp", f"{args.value!r} is not a {bits}-bit unsigned number",
+                      EXIT_USAGE)
+
+
+def _kvp(args: argparse.Namespace) -> int:
+    import shlex
+    mnt = os.path.abspath(args.mountpoint)
+    node = _ic_node(mnt, "kvp", "KVP")
+    pool = _kvp_pool(args.pool)
+    _kvp_check(args)
+    op = args.kvp_op
+    words = [op, str(pool)]
+    if op in ("set", "get", "delete"):
+        words.append(args.key)
+    if op == "set":
+        words += [args.value, args.type]
+    what = f"kvp {op}" + (f" {args.key}" if op != "list" else "") + \
+        f" (pool {pool} {KVP_POOLS[pool]})"
+    try:
+        reply = _transact(node, shlex.join(words) + "\n")
+    except OSError as e:
+        raise _ic_failure(what, e) from None
+    status = f"{reply.get('status_name')} ({reply.get('status')})"
+    if args.json:
+        print(json.dumps(reply, indent=2, ensure_ascii=False))
+    elif op == "get" and reply.get("status_name") == "S_OK":
+        print(reply.get("value"))
+    elif op == "list":
+        items = reply.get("items", [])
+        assert isinstance(items, list)
+        for item in items:
+            assert isinstance(item, dict)
+            print(f"{item['key']}={str(item['value']).replace(chr(10), chr(92) + 'n')}")
+    elif op in ("set", "delete"):
+        print(f"the guest answered {status}")
+    if op == "list":
+        if reply.get("status_name") not in ("S_CONT", "S_OK"):
+            raise Failure(what, f"the enumeration ended with {status}")
+        return EXIT_OK
+    if reply.get("status_name") != "S_OK":
+        raise Failure(what, "no such key: the guest answered " + status
+                      if op != "set" and reply.get("status_name") == "S_CONT"
+                      else f"the guest answered {status}")
+    return EXIT_OK
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -288,6 +499,9 @@ def _status(args: argparse.Namespace) -> int:
                 "disks": disks,
             })
         buses["xen"] = {"devices": xdevs}
+    if (bus_root / "pci/devices").is_dir():
+        buses["pci"] = {"devices": [_pci_row(e) for e in
+                                    sorted((bus_root / "pci/devices").iterdir())]}
     doc["buses"] = buses
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -309,6 +523,42 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _STATE = {0: "offer", 1: "opening", 2: "offered", 3: "opened"}
+#: virtio device ids → the config's type names (vbusfs.protocols.virtio.ids)
+_VIRTIO_TYPES = {1: "virtio-net", 2: "virtio-blk", 3: "virtio-console", 4: "virtio-rng",
+                 5: "virtio-balloon"}
+
+
+def _link_name(path: Path) -> str | None:
+    return os.path.basename(os.readlink(path)) if path.is_symlink() else None
+
+
+def _pci_row(entry: Path) -> dict[str, object]:
+    """A PCI function and the virtio device on it, read as lspci and a user would."""
+    row: dict[str, object] = {
+        "name": entry.name,
+        "id": f"{_read(entry / 'vendor')[2:]}:{_read(entry / 'device')[2:]}",
+        "type": "host bridge" if _read(entry / "class").startswith("0x0600") else
+                f"class {_read(entry / 'class')}",
+        "state": "enabled" if _read(entry / "enable") not in ("", "0") else "-",
+        "driver": _link_name(entry / "driver"),
+        "disks": [],
+    }
+    virtio = next((c for c in sorted(entry.iterdir()) if c.name.startswith("virtio") and
+                   c.is_dir() and not c.is_symlink()), None)
+    if virtio is not None:
+        try:
+            status = int(_read(virtio / "status") or "0", 16)
+            dev_id = int(_read(virtio / "device") or "0", 16)
+        except ValueError:
+            status = dev_id = 0
+        row["type"] = _VIRTIO_TYPES.get(dev_id, f"virtio {dev_id}")
+        row["virtio"] = virtio.name
+        row["state"] = "failed" if status & 0x80 else "needs-reset" if status & 0x40 else \
+            "driver-ok" if status & 0x4 else f"status {status:#x}"
+        row["driver"] = _link_name(virtio / "driver") or row["driver"]
+        if (virtio / "block").is_dir():
+            row["disks"] = sorted(p.name for p in (virtio / "block").iterdir())
+    return row
 
 
 def _vmbus_type(class_id: str) -> str:
@@ -332,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("vbusfs.drivers.vmbus.hv_utils").setLevel(logging.WARNING)
         logging.getLogger("backends").setLevel(logging.WARNING)
     handler = {Verb.UP: _up, Verb.DOWN: _down, Verb.STATUS: _status,
-               Verb.DISCARD: _discard}[Verb(args.verb)]
+               Verb.DISCARD: _discard, Verb.SHUTDOWN: _shutdown,
+               Verb.KVP: _kvp}[Verb(args.verb)]
     try:
         return handler(args)
     except Failure as e:

@@ -26,7 +26,7 @@ def test_quick_bench_reports_ratios(tmp_path: Path) -> None:
     # vbusfs and the two baselines that need nothing from outside always run
     for w in ("seq_write", "seq_read"):
         cell = doc["workloads"][w]
-        for target in ("vbusfs", "passthrough", "image"):
+        for target in ("vbusfs", "virtio", "passthrough", "image"):
             assert len(cell[target]["runs"]) == doc["runs"]
             assert cell[target]["min"] <= cell[target]["median"] <= cell[target]["max"]
             assert cell[target]["median"] > 0
@@ -40,6 +40,8 @@ def test_quick_bench_reports_ratios(tmp_path: Path) -> None:
         want += ["seq_write_vs_qsd", "seq_read_vs_qsd"]
     for key in want:
         assert ratios[key] > 0, key
+        if not key.startswith("attr"):               # virtio-blk (vda) has its own ratios
+            assert ratios["virtio_" + key] > 0, key
     # the ratio is the quotient of the medians it names
     w = doc["workloads"]["seq_read"]
     assert ratios["seq_read_vs_passthrough"] == pytest.approx(

@@ -23,6 +23,7 @@ from backends.storage.executor import Request, StorageOp
 from tests.block_rigs import BARRIER_TRANSPORTS, RIGS, BlockRig, Options
 from tests.conftest import Logs
 from vbusfs.block.contract import Command, Op
+from vbusfs.block.engine import segments_for
 from vbusfs.platform.memory import PAGE_SIZE
 
 MakeRig = Callable[..., AbstractAsyncContextManager[BlockRig]]
@@ -38,16 +39,27 @@ def make_rig(request: pytest.FixtureRequest, tmp_path: Path) -> MakeRig:
     return make
 
 
+def _runs(pages: list[int]) -> list[int]:
+    """Lengths of the runs of contiguous frames in ``pages``."""
+    runs: list[int] = []
+    for i, p in enumerate(pages):
+        if i and p == pages[i - 1] + 1:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    return runs
+
+
 def _record_posts(rig: BlockRig, monkeypatch: pytest.MonkeyPatch
-                  ) -> list[tuple[Op, int, int, int, bool, int]]:
-    """(op, sector, pages, bytes, ordered, commands busy before it) for every command the
-    engine posts, in order."""
-    seen: list[tuple[Op, int, int, int, bool, int]] = []
+                  ) -> list[tuple[Op, int, list[int], int, bool, int]]:
+    """(op, sector, runs of contiguous pages, bytes, ordered, commands busy before it) for
+    every command the engine posts, in order."""
+    seen: list[tuple[Op, int, list[int], int, bool, int]] = []
     t = rig.engine.transport
     real = t.post
 
     def post(cmd: Command) -> None:
-        seen.append((cmd.op, cmd.sector, len(cmd.pages), cmd.nbytes, cmd.ordered,
+        seen.append((cmd.op, cmd.sector, _runs(cmd.pages), cmd.nbytes, cmd.ordered,
                      len(rig.engine.busy)))
         real(cmd)
 
@@ -114,8 +126,10 @@ async def test_data_round_trips_at_every_size(make_rig: MakeRig) -> None:
         eng = rig.engine
         rng = random.Random(11)
         model = bytearray(8 << 20)
-        sizes = [512, 4096, 4608, 45056, eng.max_bytes - 512, eng.max_bytes,
-                 eng.max_bytes + 512, 3 * eng.max_bytes + 4096, 1 << 20]
+        step = rig.disk._chunk()            # what one command carries, at most
+        sizes = [512, 4096, 4608, 45056, step - 512, step, step + 512, 3 * step + 4096,
+                 1 << 20]
+        assert step <= eng.max_bytes
         for n in sizes:
             off = rng.randrange(0, (8 << 20) - n) & ~511
             blob = rng.randbytes(n)
@@ -130,26 +144,26 @@ async def test_data_round_trips_at_every_size(make_rig: MakeRig) -> None:
 async def test_commands_stay_within_the_declared_limits(make_rig: MakeRig,
                                                         monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    for max_segments in (0, 11):
-        async with make_rig(max_segments=max_segments, size="4M") as rig:
+    for few in (False, True):
+        async with make_rig(few_segments=few, size="4M") as rig:
             lim = rig.engine.limits
-            if max_segments:
-                assert lim.max_segments <= max(max_segments, 11)
+            if few:               # the smallest a transport has, and smaller than a 1 MiB
+                assert lim.max_segments < 256      # write needs: commands get split
             posts = _record_posts(rig, monkeypatch)
             await rig.disk.write(0, os.urandom(1 << 20))
             await rig.disk.write(4096 + 512, os.urandom(300_000))   # odd: read-modify-write
             await rig.disk.read(512, 700_000)
-            for op, _sector, pages, nbytes, _o, _b in posts:
+            for op, _sector, runs, nbytes, _o, _b in posts:
                 if op in (Op.READ, Op.WRITE):
                     assert 0 < nbytes <= lim.max_transfer
                     assert nbytes % lim.logical_block_size == 0
-                    assert pages * -(-PAGE_SIZE // lim.max_segment_size) <= lim.max_segments
-                    assert pages == -(-nbytes // PAGE_SIZE)
+                    assert segments_for(runs, lim) <= lim.max_segments
+                    assert sum(runs) == -(-nbytes // PAGE_SIZE)
 
 
 async def test_limits_flow_unchanged_into_sysfs(make_rig: MakeRig) -> None:
     for opts in ({}, {"flush": False, "discard": False, "sector_size": 4096},
-                 {"max_segments": 11, "small_queue": True}):
+                 {"few_segments": True, "small_queue": True}):
         async with make_rig(**opts) as rig:
             lim = rig.engine.limits
 
@@ -210,13 +224,12 @@ async def test_ordered_write_without_barriers_goes_out_alone(make_rig: MakeRig,
         _assert_nothing_left(rig)
 
 
+@pytest.mark.parametrize("transport", sorted(BARRIER_TRANSPORTS))
 async def test_ordered_write_is_a_barrier_where_the_transport_has_them(
-        make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch) -> None:
-    transport = make_rig.transport                              # type: ignore[attr-defined]
-    if transport not in BARRIER_TRANSPORTS:
-        pytest.skip(f"{transport} has no barrier operation; its ordered writes are "
-                    "single-stepped (tested above)")
-    async with make_rig(barrier=True, flush=False) as rig:
+        transport: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only transports with a barrier operation (blkif); the others single-step ordered
+    writes (tested above)."""
+    async with RIGS[transport](tmp_path, Options(barrier=True, flush=False)) as rig:
         reqs = _record_requests(rig, monkeypatch)
         posts = _record_posts(rig, monkeypatch)
         await rig.engine.write(0, memoryview(b"\x02" * 4096), ordered=True)
@@ -267,7 +280,7 @@ async def test_command_shortage_freezes_and_thaws(make_rig: MakeRig) -> None:
 
 async def test_page_shortage_thaws_in_arrival_order(make_rig: MakeRig,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    async with make_rig(max_segments=11, pool_pages=12, size="4M") as rig:
+    async with make_rig(few_segments=True, small_pool=True, size="4M") as rig:
         eng = rig.engine
         big = eng.max_pages * PAGE_SIZE
         assert eng.pool.nr_pages < 2 * eng.max_pages     # two big commands cannot coexist

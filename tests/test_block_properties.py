@@ -149,6 +149,10 @@ class BoundedImage:
         assert not self.readonly
         self._at(offset, length)
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        assert not self.readonly
+        self._at(offset, length)
+
 
 requests = st.lists(st.builds(
     lambda op, off, n, bufs, pre, fua: Request(
@@ -181,7 +185,7 @@ def test_the_executor_never_touches_a_byte_outside_the_image(logs: Logs, reqs: l
             inside = 0 <= r.offset and r.length >= 0 and r.offset + r.length <= img.size
             fits = r.op not in (StorageOp.READ, StorageOp.WRITE) or \
                 sum(map(len, r.iov)) == r.length
-            writes = r.op in (StorageOp.WRITE, StorageOp.DISCARD)
+            writes = r.op in (StorageOp.WRITE, StorageOp.DISCARD, StorageOp.WRITE_ZEROES)
             if not (inside and fits):
                 assert r.status == errno.EIO
             elif writes and readonly:

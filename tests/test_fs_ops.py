@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import Logs
 from vbusfs.fs import VbusFS
-from vbusfs.sysfs import Attribute, Tree
+from vbusfs.sysfs import Attribute, BinAttribute, Tree
 
 CTX = None  # handlers never look at the request context
 
@@ -110,3 +110,28 @@ async def test_readdir_offsets_resume(monkeypatch: pytest.MonkeyPatch) -> None:
         names += [n for n, _ in accepted]
         start = accepted[-1][1] if accepted else batch[-1][1] - 1
     assert len(names) == 54 and len(set(names)) == 54
+
+
+class _Ctx:
+    """The part of pyfuse3.RequestContext the handlers read: who is asking."""
+
+    def __init__(self, uid: int) -> None:
+        self.uid, self.gid, self.pid, self.umask = uid, uid, 1, 0o022
+
+
+async def test_binary_attributes_honour_offsets_and_the_public_length() -> None:
+    """PCI ``config``: root reads all of it at any offset; anyone else the first 64 bytes
+    (pci_read_config), whatever offset and size they ask for."""
+    t = Tree()
+    data = bytes(range(256))
+    t.root.makedirs("sys/x").add(BinAttribute(
+        "config", 256, lambda off, n: data[off:off + n], perm=0o644, public_length=64))
+    fs = VbusFS(t)
+    ino = (await lookup(fs, "sys/x/config")).st_ino
+    root = await fs.open(ino, os.O_RDONLY, _Ctx(0))  # type: ignore[arg-type]
+    assert await fs.read(root.fh, 0, 4096) == data
+    assert await fs.read(root.fh, 0x40, 4) == data[0x40:0x44]
+    user = await fs.open(ino, os.O_RDONLY, _Ctx(65534))  # type: ignore[arg-type]
+    assert await fs.read(user.fh, 0, 4096) == data[:64]
+    assert await fs.read(user.fh, 60, 16) == data[60:64]
+    assert await fs.read(user.fh, 64, 16) == b""

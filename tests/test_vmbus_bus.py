@@ -15,8 +15,9 @@ import trio
 import trio.testing
 
 from backends.vmbus.channel import ChannelSpec
-from backends.vmbus.devices import IcDevice, IdleDevice
+from backends.vmbus.devices import IdleDevice
 from backends.vmbus.host import VmbusHost
+from backends.vmbus.ic import HeartbeatIc
 from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
 from vbusfs.drivers.vmbus.connection import OpenError
@@ -40,7 +41,7 @@ class Rig:
     bus: VmbusBus
     tree: Tree
     memory: GuestMemory
-    hb: IcDevice
+    hb: HeartbeatIc
     synic: Synic
 
     def dev(self, inst: uuid.UUID) -> Directory:
@@ -59,7 +60,7 @@ async def start_rig(nursery: trio.Nursery, host_version: m.Version = m.Version.W
     memory = GuestMemory(16 << 20)
     synic = Synic()
     tree = Tree()
-    hb = IcDevice("heartbeat", heartbeat_interval=2.0)
+    hb = HeartbeatIc(interval=2.0)
     specs = [ChannelSpec("hb", HB, HB_INST, hb),
              ChannelSpec("nic", NIC, NIC_INST, IdleDevice(), monitor=True),
              ChannelSpec("avma", AVMA, AVMA_INST, IdleDevice())]

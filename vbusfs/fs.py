@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from vbusfs.sysfs import Attribute, BinAttribute, BlockFile, Directory, Node, Symlink, Tree
+from vbusfs.sysfs import (
+    Attribute,
+    BinAttribute,
+    BlockFile,
+    DataFile,
+    Directory,
+    Node,
+    Symlink,
+    Tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class _Open:
     node: Node
     data: bytes | None = None        # text attribute contents, generated at open
     error: OSError | None = None     # a show() failure, reported by read() as sysfs does
+    limit: int | None = None         # a binary attribute's length for this opener
 
 
 class VbusFS(pyfuse3.Operations):
@@ -55,7 +65,9 @@ class VbusFS(pyfuse3.Operations):
     removed device shows within a second. The attributes of everything else cannot change
     (an attribute file is 4096 bytes with a fixed mode, a symlink's target is fixed, a disk
     keeps its size), so the kernel may keep them: without that, the permission walk of every
-    open costs a GETATTR per path component and a `grep -r` makes five of them per file."""
+    open costs a GETATTR per path component and a `grep -r` makes five of them per file.
+    The exception are in-memory data files (:class:`DataFile`), whose size changes when the
+    service writes them: their attributes are never cached."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -79,7 +91,10 @@ class VbusFS(pyfuse3.Operations):
         a.st_ino = pyfuse3.InodeT(node.ino)
         a.generation = 0
         a.entry_timeout = self.entry_timeout
-        a.attr_timeout = self.entry_timeout if isinstance(node, Directory) else 3600
+        if isinstance(node, DataFile):
+            a.attr_timeout = 0
+        else:
+            a.attr_timeout = self.entry_timeout if isinstance(node, Directory) else 3600
         a.st_mode = pyfuse3.ModeT(node.mode)
         a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values()) \
             if isinstance(node, Directory) else 1
@@ -128,8 +143,10 @@ class VbusFS(pyfuse3.Operations):
         if fields.update_size:
             # O_TRUNC before a write: harmless on a writable attribute or a disk (a block
             # device ignores O_TRUNC, and dd truncates regular files it writes to), refused
-            # otherwise. The disk keeps its size.
-            if not (isinstance(node, Attribute) and node.writable) and \
+            # otherwise. The disk keeps its size; a data file takes the new one.
+            if isinstance(node, DataFile):
+                node.truncate(attr.st_size)
+            elif not (isinstance(node, Attribute) and node.writable) and \
                     not isinstance(node, BlockFile):
                 raise OSError(errno.EACCES, "read-only")
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -196,9 +213,14 @@ class VbusFS(pyfuse3.Operations):
         elif isinstance(node, BinAttribute):
             if (wants_write and node.writer is None) or (wants_read and node.reader is None):
                 raise OSError(errno.EACCES, "permission denied")
+            # pci_read_config: the capability is the opener's, checked at open
+            handle.limit = node.length if ctx.uid == 0 or node.public_length is None \
+                else node.public_length
         elif isinstance(node, BlockFile):
             if wants_write and node.disk.readonly:
                 raise OSError(errno.EROFS, "the disk is read-only")
+        elif isinstance(node, DataFile):
+            pass
         else:
             raise OSError(errno.EINVAL, "not a regular file")
         fh = self._fh()
@@ -220,9 +242,12 @@ class VbusFS(pyfuse3.Operations):
             return await h.node.disk.read(off, size)
         if isinstance(h.node, BinAttribute):
             assert h.node.reader is not None
-            if off >= h.node.length:
+            length = h.node.length if h.limit is None else h.limit
+            if off >= length:
                 return b""
-            return h.node.reader(off, min(size, h.node.length - off))
+            return h.node.reader(off, min(size, length - off))
+        if isinstance(h.node, DataFile):
+            return h.node.read(off, size)
         if h.error is not None:
             raise h.error
         if h.data is None:
@@ -243,10 +268,15 @@ class VbusFS(pyfuse3.Operations):
             if off >= node.length:
                 raise OSError(errno.ENOSPC, "past the end of the attribute")
             return node.writer(off, buf[:node.length - off])
+        if isinstance(node, DataFile):
+            return node.write(off, bytes(buf))
         assert isinstance(node, Attribute)
         result = node.write(bytes(buf))
         if inspect.isawaitable(result):
-            await result
+            result = await result
+        if isinstance(result, str):
+            # a transaction file: what this open file reads next is the reply
+            h.data, h.error = result.encode(), None
         return len(buf)
 
     @_errors

@@ -50,6 +50,10 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
                           f"{START_DEADLINE:.0f} s") from None
         machine.add_control_files(stop.set)
         pyfuse3.init(VbusFS(machine.tree), mountpoint, _mount_options())
+        # A device that goes away (unplug, PCI remove) takes its names with it now, not
+        # when the kernel's entry cache expires: its name may come back as a new node.
+        machine.tree.on_remove = lambda parent, name: pyfuse3.invalidate_entry_async(
+            pyfuse3.InodeT(parent), os.fsencode(name), ignore_enoent=True)
         try:
             fuse_scope = trio.CancelScope()
 
@@ -71,9 +75,11 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             log.info("mounted %s on %s", machine.config.machine.name, mountpoint)
             on_ready()
             await stop.wait()
+            machine.tree.on_remove = None      # going away: nothing to keep fresh
             await machine.stop()
             fuse_scope.cancel()
         finally:
+            machine.tree.on_remove = None
             pyfuse3.close(unmount=True)
             nursery.cancel_scope.cancel()
 

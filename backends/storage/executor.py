@@ -46,10 +46,11 @@ class StorageOp(enum.IntEnum):
     READ = 0
     WRITE = 1
     FLUSH = 2
-    DISCARD = 3
+    DISCARD = 3                  # the range reads as zeros and may be deallocated
+    WRITE_ZEROES = 4             # the range reads as zeros and stays allocated
 
 
-_WRITES = (StorageOp.WRITE, StorageOp.DISCARD)
+_WRITES = (StorageOp.WRITE, StorageOp.DISCARD, StorageOp.WRITE_ZEROES)
 
 
 @dataclass(slots=True)
@@ -174,8 +175,13 @@ class ImageExecutor:
                     img.flush()
                 elif op == StorageOp.DISCARD:
                     img.discard(r.offset, r.length)
+                elif op == StorageOp.WRITE_ZEROES:
+                    img.write_zeroes(r.offset, r.length)
                 if r.fua and op != StorageOp.FLUSH:
                     img.flush()
             except OSError as e:
                 log.warning("%s: I/O error: %s", self.name, e)
                 r.status = e.errno or errno.EIO
+            except Exception:      # a bug must fail its request, not pass it as done
+                log.exception("%s: %s at %d failed", self.name, r.op.name, r.offset)
+                r.status = errno.EIO

@@ -18,6 +18,7 @@ __all__ = ["RawImage", "ImageError"]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
@@ -111,6 +112,22 @@ class RawImage:
                            offset, length) != 0:
             e = ctypes.get_errno()
             raise ImageError(e, f"punching {length} bytes at {offset}: {os.strerror(e)}")
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros and stay allocated (``FALLOC_FL_ZERO_RANGE``, or
+        writing zeros where the filesystem cannot)."""
+        if _libc.fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset,
+                           length) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise ImageError(e, f"zeroing {length} bytes at {offset}: {os.strerror(e)}")
+        zeros = bytes(min(length, 1 << 20))
+        done = 0
+        while done < length:
+            n = min(len(zeros), length - done)
+            self.pwritev([memoryview(zeros)[:n]], offset + done)
+            done += n
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -39,11 +39,12 @@ class Op(enum.IntEnum):
     WRITE = 1
     FLUSH = 2
     DISCARD = 3
+    DRV_IN = 34         # a driver-private request that reads data (virtio-blk GET_ID)
 
 
 #: ``op_stat_group``: which of /sys/block/*/stat's groups (read, write, discard, flush) an
 #: operation is counted in
-STAT_GROUP = {Op.READ: 0, Op.WRITE: 1, Op.DISCARD: 2, Op.FLUSH: 3}
+STAT_GROUP = {Op.READ: 0, Op.WRITE: 1, Op.DISCARD: 2, Op.FLUSH: 3, Op.DRV_IN: 0}
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class Command:
     """One entry of the engine's shadow table; its index is its id on the ring."""
 
     __slots__ = ("id", "op", "sector", "nsectors", "pages", "extra_pages", "ordered",
-                 "status", "done", "queue", "single_step", "priv", "nbytes", "abandoned")
+                 "status", "done", "queue", "single_step", "priv", "nbytes", "abandoned",
+                 "code")
 
     def __init__(self, cid: int) -> None:
         self.id = cid
@@ -102,6 +104,7 @@ class Command:
         #: slot: the engine never looks inside)
         self.priv: Any = None
         self.abandoned = False              # its caller was cancelled while it was BUSY
+        self.code = 0                       # DRV_IN: which driver request it is
 
 
 class Transport(Protocol):

@@ -15,9 +15,12 @@
   completes (``Q_FREEZE``). With barriers it goes out as a barrier write and nothing waits.
 * Flush uses the transport's flush, else its barrier; a device with neither is
   write-through, so a flush has nothing to do.
-* **Sizes** come from the transport's :class:`~vbusfs.block.contract.Limits`: a command
-  carries at most as many pool pages as the segment and transfer limits allow even when no
-  two of its pages are contiguous.
+* **Sizes** come from the transport's :class:`~vbusfs.block.contract.Limits`. Pages that
+  are contiguous in guest memory make one segment (up to the segment size), as Linux merges
+  them: a command may carry as many pages as fit the segment and transfer limits when they
+  are contiguous, and the pool's ability to hand out contiguous runs is part of what a
+  caller waits for. A command small enough to fit the limits whatever its layout never waits
+  for contiguity.
 """
 
 from __future__ import annotations
@@ -35,23 +38,36 @@ from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "PagePool", "pages_per_command"]
+__all__ = ["Engine", "PagePool", "pages_per_command", "segments_for"]
 
 
-def pages_per_command(limits: Limits) -> int:
-    """The most pool pages one command may carry: each page may be its own segment (the pool
-    cannot promise contiguity), a page may need several segments when segments are smaller
-    than a page, and the transfer limit caps the bytes."""
-    segs_per_page = -(-PAGE_SIZE // limits.max_segment_size)
-    n = min(limits.max_segments // segs_per_page, limits.max_transfer // PAGE_SIZE)
+def segments_for(runs: list[int], limits: Limits) -> int:
+    """The segments pages take when they come in ``runs`` of contiguous pages: a run makes
+    one segment per ``max_segment_size`` bytes; a page needs several when segments are
+    smaller than a page."""
+    if limits.max_segment_size < PAGE_SIZE:
+        return sum(runs) * -(-PAGE_SIZE // limits.max_segment_size)
+    per = limits.max_segment_size // PAGE_SIZE
+    return sum(-(-r // per) for r in runs)
+
+
+def pages_per_command(limits: Limits, contiguous: bool = True) -> int:
+    """The most pages one command may carry: when they are contiguous (``contiguous``), or
+    whatever their layout (each page its own segment). The transfer limit caps both."""
+    if contiguous and limits.max_segment_size >= PAGE_SIZE:
+        by_segments = limits.max_segments * (limits.max_segment_size // PAGE_SIZE)
+    else:
+        by_segments = limits.max_segments // -(-PAGE_SIZE // limits.max_segment_size)
+    n = min(by_segments, limits.max_transfer // PAGE_SIZE)
     if n < 1:
         raise ValueError(f"limits allow less than one page per command: {limits}")
     return n
 
 
 class PagePool:
-    """A fixed set of guest frames lent to commands; first-fit, preferring contiguous runs
-    so a backend can merge them into one I/O vector entry."""
+    """A fixed set of guest frames lent to commands; a single run when one is free
+    (first fit), else the largest runs first, so a command takes as few segments as the pool
+    allows and a backend can merge them into few I/O vector entries."""
 
     def __init__(self, memory: GuestMemory, nr_pages: int) -> None:
         self.memory = memory
@@ -70,7 +86,7 @@ class PagePool:
                 ext[1] -= n
                 break
         else:
-            for ext in self._free:
+            for ext in sorted(self._free, key=lambda e: -e[1]):
                 take = min(ext[1], n - len(out))
                 out.extend(range(ext[0], ext[0] + take))
                 ext[0] += take
@@ -79,6 +95,17 @@ class PagePool:
                     break
         self._free = [e for e in self._free if e[1]]
         self.free_pages -= n
+        return out
+
+    def runs_for(self, n: int) -> list[int]:
+        """The run lengths :meth:`alloc` would hand out for ``n`` pages now."""
+        if any(e[1] >= n for e in self._free):
+            return [n]
+        out: list[int] = []
+        for size in sorted((e[1] for e in self._free), reverse=True):
+            out.append(min(size, n - sum(out)))
+            if sum(out) == n:
+                break
         return out
 
     def release(self, pfns: Sequence[int]) -> None:
@@ -114,18 +141,26 @@ class Engine:
         self.memory = memory
         self.transport = transport
         self.limits = lim = transport.limits
-        self.max_pages = pages_per_command(lim)
-        #: data bytes one command carries, whole logical blocks
-        self.max_bytes = min(self.max_pages * PAGE_SIZE, lim.max_transfer) // \
-            lim.logical_block_size * lim.logical_block_size
+        #: commands of up to this many pages fit the limits whatever their layout
+        self.safe_pages = pages_per_command(lim, contiguous=False)
         self.shadow = [Command(i) for i in range(nr_commands)]
         self.free: collections.deque[Command] = collections.deque(self.shadow)
         self.ready: collections.deque[Command] = collections.deque()
         self.busy: dict[int, Command] = {}
         self.complete_q: collections.deque[Command] = collections.deque()
-        need = self.max_pages + transport.extra_pages_for(Op.WRITE, self.max_pages)
+        need = self.safe_pages + transport.extra_pages_for(Op.WRITE, self.safe_pages)
         self.pool = PagePool(memory, max(pool_pages, need))
-        self._waiters: collections.deque[tuple[int, trio.Event]] = collections.deque()
+        # the most pages a command may carry: what the limits allow for contiguous pages,
+        # and what the pool can hold
+        m = min(pages_per_command(lim), self.pool.nr_pages)
+        while m + transport.extra_pages_for(Op.WRITE, m) > self.pool.nr_pages:
+            m -= 1
+        self.max_pages = m
+        #: data bytes one command carries, whole logical blocks
+        self.max_bytes = min(self.max_pages * PAGE_SIZE, lim.max_transfer) // \
+            lim.logical_block_size * lim.logical_block_size
+        self._waiters: collections.deque[tuple[tuple[int, int], trio.Event]] = \
+            collections.deque()
         self.frozen_step = False        # Q_FREEZE: a single-stepped command is in flight
         self.connected = True
         # counters for tests and diagnostics
@@ -137,15 +172,17 @@ class Engine:
     async def _get(self, op: Op, npages: int) -> Command:
         extra = self.transport.extra_pages_for(op, npages)
         need = npages + extra
-        if need > self.pool.nr_pages:
+        if npages > self.max_pages or need > self.pool.nr_pages:
             raise OSError(errno.EINVAL, f"a command of {npages} pages exceeds the pool")
-        if self._waiters or not self.free or self.pool.free_pages < need:
+        if not self.connected:           # nothing will ever wake a waiter now
+            raise OSError(errno.EIO, "disk disconnected")
+        if self._waiters or not self.free or not self._fits(need, npages):
             if not self.free:
                 self.freezes["cm_shortage"] += 1
             else:
                 self.freezes["page_shortage"] += 1
             ev = trio.Event()
-            entry = (need, ev)
+            entry = ((need, npages), ev)
             self._waiters.append(entry)
             try:
                 await ev.wait()
@@ -157,8 +194,9 @@ class Engine:
                 raise
             if self._waiters and self._waiters[0] is entry:
                 self._waiters.popleft()
-        if not self.connected:
-            raise OSError(errno.EIO, "disk disconnected")
+            if not self.connected:
+                self._thaw()                 # pass the turn on, as a cancelled waiter does
+                raise OSError(errno.EIO, "disk disconnected")
         cmd = self.free.popleft()
         cmd.queue = Queue.NONE
         cmd.op = op
@@ -171,9 +209,16 @@ class Engine:
             self._thaw()
         return cmd
 
+    def _fits(self, need: int, npages: int) -> bool:
+        """Enough pool pages free, in runs the limits allow for ``npages`` data pages."""
+        if self.pool.free_pages < need:
+            return False
+        return npages <= self.safe_pages or \
+            segments_for(self.pool.runs_for(npages), self.limits) <= self.limits.max_segments
+
     def _thaw(self) -> None:
         """Wake the first waiter if what it needs is now free (arrival order is kept)."""
-        if self._waiters and self.free and self.pool.free_pages >= self._waiters[0][0]:
+        if self._waiters and self.free and self._fits(*self._waiters[0][0]):
             self._waiters[0][1].set()
 
     def _put(self, cmd: Command) -> None:
@@ -359,6 +404,20 @@ class Engine:
         status = await self._submit(cmd)
         self._release(cmd)
         self._check(status, f"discard at sector {sector}")
+
+    async def drv_in(self, code: int, n: int) -> bytes:
+        """A driver-private request ``code`` that reads ``n`` bytes (Linux REQ_OP_DRV_IN:
+        virtio-blk's GET_ID); the transport knows what the code means."""
+        cmd = await self._get(Op.DRV_IN, -(-n // PAGE_SIZE))
+        cmd.sector, cmd.nsectors, cmd.nbytes, cmd.code = 0, 0, n, code
+        status = await self._submit(cmd)
+        try:
+            if status == 0:
+                data = b"".join(bytes(self.memory.view(pfn)) for pfn in cmd.pages)[:n]
+        finally:
+            self._release(cmd)
+        self._check(status, f"driver request {code}")
+        return data
 
     async def drain(self, deadline: float) -> bool:
         """Wait (at most ``deadline`` seconds) until nothing is queued or in flight."""

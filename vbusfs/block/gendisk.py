@@ -70,12 +70,14 @@ class _RangeLock:
 
 class Disk:
     def __init__(self, name: str, major: int, minor: int, minors: int, sectors: int,
-                 engine: Engine, readonly: bool, removable: bool) -> None:
+                 engine: Engine, readonly: bool, removable: bool,
+                 ext_range: int | None = None) -> None:
         global _diskseq
         _diskseq += 1
         self.diskseq = _diskseq
         self.name = name
         self.major, self.minor, self.minors = major, minor, minors
+        self.ext_range = minors if ext_range is None else ext_range
         self.sectors = sectors                 # 512-byte units, whatever the block size
         self.engine = engine
         self.limits: Limits = engine.limits
@@ -299,7 +301,7 @@ DISK_GROUP: Group[Disk] = Group([
     Attr("removable", lambda d: f"{int(d.removable)}\n"),
     Attr("hidden", lambda d: "0\n"),
     Attr("range", lambda d: f"{d.minors}\n"),
-    Attr("ext_range", lambda d: f"{d.minors}\n"),
+    Attr("ext_range", lambda d: f"{d.ext_range}\n"),
     Attr("alignment_offset", lambda d: "0\n"),
     Attr("discard_alignment", lambda d: "0\n"),
     Attr("capability", lambda d: "0\n"),

@@ -25,10 +25,13 @@ from vbusfs.config.common import (
     parse_machine,
     parse_size,
 )
+from vbusfs.config.pci import PCI, PCI_DEVICE, PciConfig, PciDeviceConfig, parse_pci
 from vbusfs.config.vmbus import (
     VMBUS,
     VMBUS_DEVICE,
+    VMBUS_IC,
     VMBUS_LUN,
+    IcConfig,
     ScsiLunConfig,
     VmbusConfig,
     VmbusDeviceConfig,
@@ -37,9 +40,9 @@ from vbusfs.config.vmbus import (
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
-           "ScsiLunConfig",
-           "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
-           "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference"]
+           "IcConfig", "ScsiLunConfig", "XenConfig", "VbdConfig", "VBD_FEATURES", "load",
+           "load_default", "parse", "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS",
+           "reference", "PciConfig", "PciDeviceConfig"]
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,11 @@ class Config:
     vmbus: VmbusConfig
     source: str = "<embedded default>"
     xen: XenConfig | None = None
+    pci: PciConfig | None = None
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_LUN, XEN, VBD)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_LUN, VMBUS_IC, XEN, VBD, PCI, PCI_DEVICE)
 
 
 def _shown(key: Key) -> str:
@@ -85,18 +89,28 @@ def reference() -> str:
 
 
 def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
-    no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0})
+    no_unknown("", doc, {"machine": 0, "vmbus": 0, "xen": 0, "pci": 0})
     if "machine" not in doc:
         raise ConfigError("machine", "missing (required)")
     machine = parse_machine(doc["machine"], base_dir)
-    images: dict[Path, str] = {}
-    vmbus = parse_vmbus(doc.get("vmbus", {}), machine, images)
+    vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
-    for vbd in xen.vbds if xen is not None else ():
-        if vbd.image in images:
-            raise ConfigError(f"{vbd.key}.image", f"{vbd.image} is also the image of "
-                              f"{images[vbd.image]}")
-    return Config(machine, vmbus, source, xen)
+    pci = parse_pci(doc["pci"], machine) if "pci" in doc else None
+    _one_disk_per_image(vmbus, xen, pci)
+    return Config(machine, vmbus, source, xen, pci)
+
+
+def _one_disk_per_image(vmbus: VmbusConfig, xen: XenConfig | None,
+                        pci: PciConfig | None) -> None:
+    """Each bus checks its own disks; an image is also never two buses' disk at once."""
+    disks = [(lun.image, lun.key) for dev in vmbus.devices for lun in dev.luns]
+    disks += [(v.image, v.key) for v in (xen.vbds if xen else ())]
+    disks += [(d.image, d.key) for d in (pci.devices if pci else ()) if d.image is not None]
+    owner: dict[Path, str] = {}
+    for image, key in disks:
+        if image in owner:
+            raise ConfigError(f"{key}.image", f"{image} is also the image of {owner[image]}")
+        owner[image] = key
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -112,12 +126,14 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(doc, p.resolve().parent, str(p))
 
 
-#: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB,
-#: sparse images in the state directory) so the block path is there out of the box. The
-#: integration services and the first SCSI controller use the instance GUIDs Hyper-V/Azure
-#: use (reference/hv-services.md §2.7, reference/sysfs.md §1.5), so tools find them; that
-#: controller carries an OS disk at LUN 0 and a resource disk at LUN 1, where a cloud agent
-#: looks for it on a Gen2 Azure guest (reference/sysfs.md §5.4–5.5).
+#: A typical Hyper-V generation-2 guest, plus two Xen virtual disks (xvda 1 GiB, xvdb 256 MiB)
+#: and a PCI bus with QEMU's virtio-net, virtio-blk (vda, 512 MiB), virtio-rng and
+#: virtio-balloon, so all three buses and their block paths are there out of the box (images
+#: sparse in the state directory). The integration services and the first SCSI controller
+#: use the instance GUIDs Hyper-V/Azure use (reference/hv-services.md §2.7, reference/sysfs.md
+#: §1.5), so tools find them; that controller carries an OS disk at LUN 0 and a resource disk
+#: at LUN 1, where a cloud agent looks for them on a Gen2 Azure guest (reference/sysfs.md
+#: §5.4–5.5).
 DEFAULT_CONFIG = """\
 [machine]
 name = "hyperv-gen2"
@@ -188,6 +204,25 @@ size = "1G"
 [[xen.vbd]]
 vdev = "xvdb"
 size = "256M"
+
+[pci]
+
+[[pci.device]]
+type = "virtio-net"
+slot = 3
+
+[[pci.device]]
+type = "virtio-blk"
+slot = 4
+size = "512M"
+
+[[pci.device]]
+type = "virtio-rng"
+slot = 5
+
+[[pci.device]]
+type = "virtio-balloon"
+slot = 6
 """
 
 

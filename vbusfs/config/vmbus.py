@@ -1,10 +1,14 @@
-"""The ``[vmbus]`` section: the Hyper-V host's protocol version, the devices it offers, and
-the disks (LUNs) behind each synthetic SCSI controller (reference/hv-services.md §4)."""
+"""The ``[vmbus]`` section: the Hyper-V host's protocol version, the devices it offers, the
+disks (LUNs) behind each synthetic SCSI controller (reference/hv-services.md §4), and
+``[vmbus.ic]``: how the integration services behave (reference/hv-services.md §2): what the
+service does when the guest accepts a power request, whether the guest can hibernate, the
+host's heartbeat and time-sample cadence and clock skew, and the KVP items the host pushes."""
 
 from __future__ import annotations
 
+import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +25,10 @@ from vbusfs.config.common import (
 from vbusfs.protocols.guid import parse_guid
 from vbusfs.protocols.vmbus import messages as m
 
-__all__ = ["VmbusConfig", "VmbusDeviceConfig", "ScsiLunConfig", "VMBUS", "VMBUS_DEVICE",
-           "VMBUS_LUN", "parse_vmbus", "SCSI_SECTOR_SIZES", "MAX_LUN"]
+__all__ = ["VmbusConfig", "VmbusDeviceConfig", "ScsiLunConfig", "IcConfig", "VMBUS",
+           "VMBUS_DEVICE", "VMBUS_LUN", "VMBUS_IC", "parse_vmbus", "POWER_REACTIONS",
+           "KVP_MAX_KEY_UNITS", "KVP_MAX_VALUE_UNITS", "MAX_SKEW_S", "SCSI_SECTOR_SIZES",
+           "MAX_LUN"]
 
 #: logical block sizes a LUN may have (what Linux's sd accepts)
 SCSI_SECTOR_SIZES = (512, 1024, 2048, 4096)
@@ -50,6 +56,16 @@ class ScsiLunConfig:
     key: str
 
 
+#: what the service may do when the guest accepts a power request
+POWER_REACTIONS = ("unmount", "log")
+#: the longest key and value a KVP message carries, in UTF-16 units without the NUL
+#: (HV_KVP_EXCHANGE_MAX_KEY_SIZE 512 and _VALUE_SIZE 2048 bytes, NUL included)
+KVP_MAX_KEY_UNITS = 255
+KVP_MAX_VALUE_UNITS = 1023
+#: the host clock's skew is bounded so that its time stays a valid 1601-based tick count
+MAX_SKEW_S = 100 * 365 * 86400
+
+
 @dataclass(frozen=True)
 class VmbusDeviceConfig:
     type: str
@@ -60,9 +76,24 @@ class VmbusDeviceConfig:
 
 
 @dataclass(frozen=True)
+class IcConfig:
+    """``[vmbus.ic]``."""
+
+    on_shutdown: str = "unmount"
+    on_reboot: str = "log"
+    hibernation: bool = False
+    heartbeat_interval: float = 2.0
+    timesync_interval: float = 5.0
+    timesync_skew_ns: int = 0
+    kvp_external: tuple[tuple[str, str], ...] = ()          # pool 0
+    kvp_auto_external: tuple[tuple[str, str], ...] = ()     # pool 3
+
+
+@dataclass(frozen=True)
 class VmbusConfig:
     version: m.Version                                  # the newest the host accepts
     devices: tuple[VmbusDeviceConfig, ...] = ()        # offered in this order
+    ic: IcConfig = field(default_factory=IcConfig)
 
 
 VMBUS = Section("vmbus", "`[vmbus]`", "", {
@@ -71,6 +102,7 @@ VMBUS = Section("vmbus", "`[vmbus]`", "", {
                    "`5.0`–`5.3`)"),
     "device": Key(list, "an array of tables", [], "array of tables",
                   "the devices, offered in this order (relid 1, 2, ...)"),
+    "ic": Key(dict, "a table", {}, "table", "the integration services: `[vmbus.ic]` below"),
 })
 VMBUS_DEVICE = Section("vmbus.device", "`[[vmbus.device]]`", "", {
     "type": Key(str, "a device type", ..., "string",
@@ -86,7 +118,6 @@ VMBUS_DEVICE = Section("vmbus.device", "`[[vmbus.device]]`", "", {
     "lun": Key(list, "an array of tables", [], "array of tables",
                "`scsi` only: the disks behind the controller (below)"),
 }, outro="Two devices with the same instance GUID are an error.")
-
 VMBUS_LUN = Section("vmbus.device.lun", "`[[vmbus.device.lun]]`",
                     "A disk behind a `scsi` controller, served by storvsp at path 0, target 0 "
                     "and answering\nas Hyper-V does (reference/hv-services.md §4.8). In the "
@@ -124,7 +155,7 @@ VMBUS_LUN = Section("vmbus.device.lun", "`[[vmbus.device.lun]]`",
                        "MODE SENSE caching page WCE: with it the guest flushes with "
                        "SYNCHRONIZE CACHE; without it the image is opened `O_DSYNC` and the "
                        "queue says `write through`"),
-}, outro="Two LUNs with the same image (or a LUN and a Xen disk) are an error.")
+}, outro="Two LUNs with the same image (or a LUN and another bus's disk) are an error.")
 
 
 def _ascii(key: str, text: str, limit: int) -> str:
@@ -135,6 +166,8 @@ def _ascii(key: str, text: str, limit: int) -> str:
 
 def _parse_luns(key: str, raw: list[Any], machine: MachineConfig, ordinal: int,
                 images: dict[Path, str]) -> tuple[ScsiLunConfig, ...]:
+    """A controller's ``[[vmbus.device.lun]]`` tables; ``images`` holds the LUN images seen so
+    far (two LUNs, of any controllers, never share one)."""
     luns: list[ScsiLunConfig] = []
     seen: dict[int, str] = {}
     for j, rawl in enumerate(raw):
@@ -169,13 +202,93 @@ def _parse_luns(key: str, raw: list[Any], machine: MachineConfig, ordinal: int,
     return tuple(sorted(luns, key=lambda c: c.lun))
 
 
-def parse_vmbus(raw: Any, machine: MachineConfig,
-                images: dict[Path, str] | None = None) -> VmbusConfig:
-    """``[vmbus]``, its ``[[vmbus.device]]`` tables and their ``[[vmbus.device.lun]]``
-    tables. ``images`` collects every disk image path (with the key that names it), so
-    disks of other buses can be checked against them."""
-    images = {} if images is None else images
+VMBUS_IC = Section("vmbus.ic", "`[vmbus.ic]`", "How the integration services behave "
+                   "(reference/hv-services.md §2). Each applies when the machine has that "
+                   "device.", {
+    "on_shutdown": Key(str, "\"unmount\" or \"log\"", "unmount", "string",
+                       "what the service does when the guest accepts a shutdown request from "
+                       "the host (`mountctl shutdown`): `unmount` (close every device and "
+                       "unmount, as the guest powers off) or `log` (report it in the tree and "
+                       "the log only)"),
+    "on_reboot": Key(str, "\"unmount\" or \"log\"", "log", "string",
+                     "the same for a reboot request"),
+    "hibernation": Key(bool, "true or false", False, "boolean",
+                       "whether the guest can hibernate (ACPI S4): it then accepts "
+                       "hibernate requests and `/sys/bus/vmbus/hibernation` reads 1; "
+                       "otherwise it answers them HV_E_FAIL, as Linux does"),
+    "heartbeat_interval": Key((int, float), "a number of seconds", 2, "seconds",
+                              "how often the host sends a heartbeat (0 < s ≤ 3600)"),
+    "timesync_interval": Key((int, float), "a number of seconds", 5, "seconds",
+                             "how often the host sends a time sample after the first, which "
+                             "carries SYNC (0 < s ≤ 3600)"),
+    "timesync_skew": Key((int, float), "a number of seconds", 0, "seconds",
+                         "how far the host's clock is ahead of this machine's (negative: "
+                         "behind), within 100 years; the guest's computed offset shows it "
+                         "(`MNT/.vbusfs/hv_utils/timesync/offset_ns`)"),
+    "kvp_external": Key(dict, "a table of strings", {}, "table of strings",
+                        "KVP pool 0 (External): items the host sets in the guest once KVP is "
+                        "negotiated, `Key = \"value\"`; keys up to 255 and values up to "
+                        "1023 UTF-16 units"),
+    "kvp_auto_external": Key(dict, "a table of strings", None, "table of strings",
+                             "KVP pool 3 (AutoExternal): the host's guest parameters, pushed "
+                             "the same way", "`VirtualMachineName` (the machine name) and "
+                             "`VirtualMachineId` (derived, upper case)"),
+})
+
+
+def _kvp_items(key: str, table: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    items = []
+    for k, v in table.items():
+        where = f"{key}.{k}"
+        if not isinstance(v, str):
+            raise ConfigError(where, f"expected a string, got {type(v).__name__} {v!r}")
+        if not k or "\0" in k or len(k.encode("utf-16-le")) // 2 > KVP_MAX_KEY_UNITS:
+            raise ConfigError(where, f"a key is 1 to {KVP_MAX_KEY_UNITS} UTF-16 units "
+                              "without NUL")
+        if "\0" in v or len(v.encode("utf-16-le")) // 2 > KVP_MAX_VALUE_UNITS:
+            raise ConfigError(where, f"a value is at most {KVP_MAX_VALUE_UNITS} UTF-16 units "
+                              "without NUL")
+        items.append((k, v))
+    return tuple(items)
+
+
+def _seconds(key: str, value: float, lo: float, hi: float, lo_open: bool = True) -> float:
+    if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+        raise ConfigError(key, f"{value!r} is not within {'(' if lo_open else '['}{lo:g}, "
+                          f"{hi:g}] seconds")
+    return float(value)
+
+
+def parse_ic(raw: Any, machine: MachineConfig) -> IcConfig:
+    """``[vmbus.ic]``."""
+    ic = section("vmbus.ic", raw, VMBUS_IC)
+    for key in ("on_shutdown", "on_reboot"):
+        if ic[key] not in POWER_REACTIONS:
+            raise ConfigError(f"vmbus.ic.{key}", f"{ic[key]!r} is not one of "
+                              + ", ".join(POWER_REACTIONS))
+    auto = ic["kvp_auto_external"]
+    if auto is None:
+        auto = {"VirtualMachineName": machine.name,
+                "VirtualMachineId": str(derive_guid(machine.name, "vm")).upper()}
+    skew = _seconds("vmbus.ic.timesync_skew", ic["timesync_skew"], -MAX_SKEW_S, MAX_SKEW_S,
+                    lo_open=False)
+    return IcConfig(
+        on_shutdown=ic["on_shutdown"], on_reboot=ic["on_reboot"],
+        hibernation=ic["hibernation"],
+        heartbeat_interval=_seconds("vmbus.ic.heartbeat_interval", ic["heartbeat_interval"],
+                                    0, 3600),
+        timesync_interval=_seconds("vmbus.ic.timesync_interval", ic["timesync_interval"],
+                                   0, 3600),
+        timesync_skew_ns=round(skew * 1e9),
+        kvp_external=_kvp_items("vmbus.ic.kvp_external", ic["kvp_external"]),
+        kvp_auto_external=_kvp_items("vmbus.ic.kvp_auto_external", auto))
+
+
+def parse_vmbus(raw: Any, machine: MachineConfig) -> VmbusConfig:
+    """``[vmbus]``, its ``[[vmbus.device]]`` tables with their ``[[vmbus.device.lun]]``
+    tables, and ``[vmbus.ic]``."""
     name = machine.name
+    images: dict[Path, str] = {}
     vm = section("vmbus", raw, VMBUS)
     version = convert("vmbus.version", m.Version.parse, vm["version"])
     if version < m.Version.WIN8:
@@ -211,4 +324,4 @@ def parse_vmbus(raw: Any, machine: MachineConfig,
         devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key, luns))
     if len(devices) > 128 and sum(d.monitor for d in devices) > 128:
         raise ConfigError("vmbus.device", "more than 128 monitored channels")
-    return VmbusConfig(version, tuple(devices))
+    return VmbusConfig(version, tuple(devices), parse_ic(vm["ic"], machine))

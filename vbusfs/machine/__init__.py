@@ -2,8 +2,10 @@
 
 A bus's host side (``backends``) and guest side (``vbusfs.drivers``) meet only in the
 machine's guest memory and the bus's own hypervisor parts; each bus is assembled in its own
-module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`), and this one holds
-what they share: the config, guest memory, the tree, and the service's control files.
+module here (:mod:`~vbusfs.machine.vmbus`, :mod:`~vbusfs.machine.xen`,
+:mod:`~vbusfs.machine.pci`), and this one holds what they share: the config, guest memory,
+the tree, the service's control files, and what the service does when the guest accepts a
+power request from its host (``[vmbus.ic]``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import trio
 from vbusfs import CONTROL_DIR, __version__
 from vbusfs.config import Config
 from vbusfs.drivers.scsi.host import ScsiBus
+from vbusfs.machine.pci import PciMachine
 from vbusfs.machine.vmbus import VmbusMachine
 from vbusfs.machine.xen import XenMachine
 from vbusfs.platform.memory import GuestMemory
@@ -40,16 +43,24 @@ class Machine:
         self.tree.root.makedirs("sys/devices")
         self.tree.root.dir("dev")
         self.control = self.tree.root.mkdir(CONTROL_DIR)
+        self._request_stop: Callable[[], None] | None = None
+        self._stop_pending = False
         # MNT/.vbusfs/block/<disk>/: there when the machine has disks
         has_luns = any(d.luns for d in config.vmbus.devices)
-        block = self.control.mkdir("block") if config.xen is not None or has_luns else None
+        block_control = self.control.mkdir("block") \
+            if config.xen is not None or config.pci is not None or has_luns else None
         #: the guest's SCSI midlayer (/sys/bus/scsi, sd): any bus's SCSI hosts join it
-        self.scsi = ScsiBus(self.tree, self.memory, block)
+        self.scsi = ScsiBus(self.tree, self.memory, block_control)
         self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
-                                  self.scsi)
+                                  self.control, self._on_power, self.scsi)
         self.xen: XenMachine | None = None
         if config.xen is not None:
-            self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree, block)
+            self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,
+                                  block_control)
+        self.pci: PciMachine | None = None
+        if config.pci is not None:
+            self.pci = PciMachine(config.pci, config.machine, self.memory, self.tree,
+                                  block_control)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -59,6 +70,8 @@ class Machine:
             await self.vmbus.start(nursery)
             if self.xen is not None:
                 await self.xen.start(nursery)
+            if self.pci is not None:
+                await self.pci.start(nursery)
             task_status.started()
 
     async def stop(self) -> None:
@@ -66,11 +79,31 @@ class Machine:
         with trio.move_on_after(SHUTDOWN_DEADLINE):
             if self.xen is not None:
                 await self.xen.xenbus.close_all(SHUTDOWN_DEADLINE / 2)
+            if self.pci is not None:
+                await self.pci.stop(SHUTDOWN_DEADLINE / 2)
             await self.vmbus.bus.unload()
+
+    def _on_power(self, action: str) -> None:
+        """The guest accepted a power request from the host (``orderly_poweroff``,
+        ``orderly_reboot``, the hibernate uevent): react as ``[vmbus.ic]`` says."""
+        ic = self.config.vmbus.ic
+        key, reaction = {"poweroff": ("on_shutdown", ic.on_shutdown),
+                         "reboot": ("on_reboot", ic.on_reboot)}.get(action, ("", "log"))
+        if reaction != "unmount":
+            log.info("the guest accepted a %s request from the host: reported only%s",
+                     action, f" (vmbus.ic.{key} = {reaction})" if key else "")
+            return
+        log.info("the guest accepted a %s request from the host: stopping and unmounting "
+                 "(vmbus.ic.%s = unmount)", action, key)
+        if self._request_stop is not None:
+            self._request_stop()
+        else:
+            self._stop_pending = True
 
     def add_control_files(self, request_stop: Callable[[], None]) -> None:
         ctl = self.control
         cfg = self.config
+        self._request_stop = request_stop
 
         def store_control(text: str) -> None:
             if text.strip() != "shutdown":
@@ -86,6 +119,9 @@ class Machine:
         ctl.add(Attribute("vmbus_version", lambda: (
             conn.version.text if conn.version else "disconnected") + "\n"))
         ctl.add(Attribute("control", None, store_control))
+        self.vmbus.add_control_files(ctl)
+        if self._stop_pending:
+            request_stop()
 
     def close(self) -> None:
         self.memory.close()

@@ -10,6 +10,7 @@ from vbusfs.sysfs.nodes import (
     BinAttribute,
     BlockDevice,
     BlockFile,
+    DataFile,
     Directory,
     Node,
     Symlink,
@@ -19,5 +20,5 @@ from vbusfs.sysfs.nodes import (
 
 __all__ = [
     "Attr", "Group", "add_group", "Attribute", "BinAttribute", "BlockDevice", "BlockFile",
-    "Directory", "Node", "Symlink", "Tree", "relpath_between",
+    "DataFile", "Directory", "Node", "Symlink", "Tree", "relpath_between",
 ]

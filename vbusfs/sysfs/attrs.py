@@ -23,7 +23,7 @@ T = TypeVar("T")
 class Attr(Generic[T]):
     name: str
     show: Callable[[T], str] | None = None
-    store: Callable[[T, str], Awaitable[None] | None] | None = None
+    store: Callable[[T, str], Awaitable[str | None] | str | None] | None = None
     perm: int | None = None   # None: 0444 / 0644 / 0200 from show and store
 
 

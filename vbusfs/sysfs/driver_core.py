@@ -14,11 +14,13 @@ bus driver's business (it may need protocol round trips), reached through ``bind
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Awaitable, Callable
 
 from vbusfs.sysfs.nodes import Attribute, Directory, Symlink, Tree
 
-__all__ = ["Bus", "Driver", "UEVENT_ACTIONS", "add_power_dir", "sysfs_bool"]
+__all__ = ["Bus", "Driver", "UEVENT_ACTIONS", "add_power_dir", "kstrtoint", "kstrtoul",
+           "sysfs_bool"]
 
 #: kobject_action_type names accepted by a write to ``uevent`` (lib/kobject_uevent.c)
 UEVENT_ACTIONS = ("add", "remove", "change", "move", "online", "offline", "bind", "unbind")
@@ -34,6 +36,37 @@ def sysfs_bool(text: str) -> bool:
     if t in ("0", "n", "no", "off", "false"):
         return False
     raise OSError(errno.EINVAL, f"not a boolean: {text.strip()!r}")
+
+
+_KSTRTOX = re.compile(r"\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))\n?")
+
+
+def kstrtoul(text: str) -> int:
+    """``kstrtoul(buf, 0, ...)``, as many stores parse a number: an optional ``+``, then hex
+    after ``0x``, octal after ``0``, else decimal, and one newline at most. EINVAL for
+    anything else, ERANGE past 64 bits. Like the C string it reads, it ends at a NUL."""
+    text = text.split("\0", 1)[0]
+    m = _KSTRTOX.fullmatch(text)
+    if m is None:
+        raise OSError(errno.EINVAL, f"not a number: {text.rstrip(chr(10))!r}")
+    value = int(m[1], 16) if m[1] else int(m[2], 8) if m[2] else int(m[3])
+    if value >= 1 << 64:
+        raise OSError(errno.ERANGE, f"{text.strip()} does not fit in 64 bits")
+    return value
+
+
+def kstrtoint(text: str) -> int:
+    """``kstrtoint(buf, 0, ...)``: :func:`kstrtoul`'s rules with an optional ``-``, and
+    ERANGE outside a C ``int``."""
+    text = text.split("\0", 1)[0]
+    negative = text.startswith("-")
+    value = kstrtoul(text[1:] if negative else text)
+    if text[1:2] == "+" and negative:
+        raise OSError(errno.EINVAL, f"not a number: {text.rstrip(chr(10))!r}")
+    value = -value if negative else value
+    if not -(1 << 31) <= value < 1 << 31:
+        raise OSError(errno.ERANGE, f"{text.strip()} does not fit in an int")
+    return value
 
 
 def _check_uevent_action(text: str) -> None:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 __all__ = [
     "ATTR_SIZE", "Node", "Directory", "Attribute", "BinAttribute", "Symlink", "Tree",
-    "relpath_between", "BlockFile", "BlockDevice",
+    "relpath_between", "BlockFile", "BlockDevice", "DataFile",
 ]
 
 #: st_size of every text attribute (PAGE_SIZE; fs/sysfs/file.c)
@@ -111,8 +111,11 @@ class Directory(Node):
 
     def remove(self, name: str) -> Node:
         node = self.children.pop(name)
-        if self.tree is not None:
-            self.tree.detach(node)
+        tree = self.tree
+        if tree is not None:
+            if tree.on_remove is not None and tree.lookup_count(node.ino):
+                tree.on_remove(self.ino, name)
+            tree.detach(node)
         node.parent = None
         self.mtime_ns = time.time_ns()
         return node
@@ -136,8 +139,10 @@ class Directory(Node):
 
 Show = Callable[[], str]
 #: A store may be synchronous or return an awaitable (a bus operation such as unbind that
-#: needs protocol round trips); the FUSE layer awaits it before answering the write.
-Store = Callable[[str], "Awaitable[None] | None"]
+#: needs protocol round trips); the FUSE layer awaits it before answering the write. A store
+#: that returns text makes the attribute a transaction file (as Linux's
+#: ``simple_transaction_get``): a read on the same open file then returns that reply.
+Store = Callable[[str], "Awaitable[str | None] | str | None"]
 
 
 class Attribute(Node):
@@ -178,7 +183,7 @@ class Attribute(Node):
             raise PermissionError(errno.EACCES, f"{self.path()} is write-only")
         return self.show().encode()
 
-    def write(self, data: bytes) -> Awaitable[None] | None:
+    def write(self, data: bytes) -> Awaitable[str | None] | str | None:
         """Hand ``data`` to ``store``; the result may need awaiting (see :data:`Store`)."""
         if self.store is None:
             raise PermissionError(errno.EACCES, f"{self.path()} is read-only")
@@ -195,16 +200,20 @@ class BinAttribute(Node):
     Linux declares some binary attributes with size 0 (SCSI ``inquiry``, ``vpd_pg83``)
     and reads still return their bytes."""
 
-    __slots__ = ("length", "reader", "writer", "perm", "stat_size")
+    __slots__ = ("length", "reader", "writer", "perm", "public_length", "stat_size")
     kind = stat.S_IFREG
 
     def __init__(self, name: str, length: int, reader: Callable[[int, int], bytes] | None,
                  writer: Callable[[int, bytes], int] | None = None,
-                 perm: int | None = None, stat_size: int | None = None) -> None:
+                 perm: int | None = None, public_length: int | None = None,
+                 stat_size: int | None = None) -> None:
         super().__init__(name)
         self.length = length
         self.reader = reader
         self.writer = writer
+        #: how much a reader without CAP_SYS_ADMIN (here: not root) gets, e.g. the first 64
+        #: bytes of PCI ``config``; None: all of it
+        self.public_length = public_length
         if perm is None:
             perm = (0o444 if reader else 0) | (0o200 if writer else 0)
         self.perm = perm
@@ -216,6 +225,57 @@ class BinAttribute(Node):
 
     def size(self) -> int:
         return self.length if self.stat_size is None else self.stat_size
+
+
+class DataFile(Node):
+    """A regular file whose bytes live in memory: not sysfs, but a file of the guest's own
+    that its software reads and writes (``/var/lib/hyperv/.kvp_pool_N``). It has its real
+    size, which changes under writes and ``truncate``; writes past the end fill the gap with
+    zeros, as a file does. ``max_size`` bounds it (``EFBIG`` past it), since the bytes are
+    the service's memory. ``data`` is shared with whoever owns the file's meaning."""
+
+    __slots__ = ("data", "max_size", "perm")
+    kind = stat.S_IFREG
+
+    def __init__(self, name: str, data: bytearray, max_size: int, perm: int = 0o644) -> None:
+        super().__init__(name)
+        self.data = data
+        self.max_size = max_size
+        self.perm = perm
+
+    @property
+    def mode(self) -> int:
+        return stat.S_IFREG | self.perm
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        return bytes(self.data[offset:offset + size])
+
+    def write(self, offset: int, buf: bytes) -> int:
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        if offset + len(buf) > self.max_size:
+            raise OSError(errno.EFBIG, f"{self.path()} is limited to {self.max_size} bytes")
+        if offset > len(self.data):
+            self.data.extend(bytes(offset - len(self.data)))
+        self.data[offset:offset + len(buf)] = buf
+        self.mtime_ns = time.time_ns()
+        return len(buf)
+
+    def truncate(self, size: int) -> None:
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative size")
+        if size > self.max_size:
+            raise OSError(errno.EFBIG, f"{self.path()} is limited to {self.max_size} bytes")
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+        self.mtime_ns = time.time_ns()
 
 
 class BlockDevice(Protocol):
@@ -298,6 +358,9 @@ class Tree:
         self._next_ino = ROOT_INODE + 1
         self._lookups: dict[int, int] = {}
         self._detached: dict[int, Node] = {}
+        #: Called with (parent inode, name) when an entry the kernel has looked up leaves
+        #: the tree, so that the mount can drop its cached dentry at once.
+        self.on_remove: Callable[[int, str], None] | None = None
 
     def attach(self, node: Node) -> None:
         for n in node.walk():

@@ -41,7 +41,8 @@ class VmbusBus:
     """The guest VMBus connection's devices and the ``vmbus`` bus in sysfs."""
 
     def __init__(self, synic: Synic, memory: GuestMemory, tree: Tree, cpus: int = 2,
-                 versions: tuple[m.Version, ...] = m.KNOWN_VERSIONS) -> None:
+                 versions: tuple[m.Version, ...] = m.KNOWN_VERSIONS,
+                 hibernation: bool = False) -> None:
         self.conn = VmbusConnection(synic, memory, cpus, versions)
         self.tree = tree
         self.devices: dict[int, VmbusDevice] = {}   # by relid
@@ -51,7 +52,7 @@ class VmbusBus:
         self.parent = tree.root.makedirs(VMBUS_PARENT)
         self.sysfs = Bus(tree, "vmbus")
         self.drivers = DriverTable[VmbusDevice](self.sysfs)
-        vmbus_sysfs.add_bus_files(self.sysfs)
+        vmbus_sysfs.add_bus_files(self.sysfs, hibernation)
         self.sysfs.match_hook = self._match
         self.sysfs.bind_hook = self._bind_by_name
         self.sysfs.unbind_hook = self._unbind_by_name
@@ -178,6 +179,10 @@ class VmbusBus:
         try:
             await self.drivers.bind(self._nursery, dev, drv)
         except (OpenError, OSError) as e:
-            log.error("vmbus: %s: probe of %s failed: %s", dev.name, drv.name, e)
+            if isinstance(e, OSError) and e.errno in (errno.ENODEV, errno.ENXIO):
+                # the driver core's "probe rejects match": not an error (dd.c)
+                log.debug("vmbus: %s: %s rejects the device: %s", dev.name, drv.name, e)
+            else:
+                log.error("vmbus: %s: probe of %s failed: %s", dev.name, drv.name, e)
             if raise_errors:
                 raise OSError(errno.EIO, str(e)) from None

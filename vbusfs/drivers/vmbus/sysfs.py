@@ -164,9 +164,10 @@ def _dynid_store(dynids: set[uuid.UUID], add: bool) -> Callable[[str], None]:
     return store
 
 
-def add_bus_files(bus: Bus) -> None:
-    """``/sys/bus/vmbus/hibernation``."""
-    bus.dir.add(Attribute("hibernation", lambda: "0\n"))
+def add_bus_files(bus: Bus, hibernation: bool = False) -> None:
+    """``/sys/bus/vmbus/hibernation``: ``hv_is_hibernation_supported()``, whether the
+    platform offers ACPI S4."""
+    bus.dir.add(Attribute("hibernation", lambda: f"{int(hibernation)}\n"))
 
 
 def add_driver_files(drv_dir: Directory, dynids: set[uuid.UUID]) -> None:

@@ -1,0 +1,2 @@
+"""The host side of PCI: the configuration space every function has, MSI-X, and the host
+bridge."""

@@ -316,6 +316,8 @@ async def test_malformed_srbs_are_answered_invalid_parameter(image: Path) -> Non
         srb = sv.Srb(cdb_length=16, data_in=1, data_transfer_length=512,
                      cdb=cdb10(0x28, 0, 1)).pack()
         ok = sv.pack_packet(3, srb, flags=1)
+        ok3 = sv.pack_packet(3, sv.Srb(cdb_length=16, data_in=1, data_transfer_length=3 * 4096,
+                                       cdb=cdb10(0x28, 0, 24)).pack(), flags=1)
         cases: list[tuple[bytes, bytes]] = [
             (ok, b""),                                                  # data but no range
             (ok[:12 + 24], b""),                                        # CDB past the packet
@@ -324,6 +326,9 @@ async def test_malformed_srbs_are_answered_invalid_parameter(image: Path) -> Non
             (ok, pack_gpa_direct([GpaRange(256, 0, (h.data_pfn,))])),  # shorter than dtl
             (ok, pack_gpa_direct([GpaRange(512, 0, (h.ring_pfn + 1,))])),   # the ring
             (ok, pack_gpa_direct([GpaRange(512, 0, (0,))])),            # frame 0
+            # the ends of a run of three frames, frame 0 between them (not D+9)
+            (ok3, pack_gpa_direct([GpaRange(3 * 4096, 0, (h.data_pfn + 8, 0,
+                                                           h.data_pfn + 10))])),
             (ok, pack_gpa_direct([GpaRange(512, 0, (h.memory.nr_frames,))])),  # outside
             (ok, pack_gpa_direct([GpaRange(512, 0, (h.data_pfn,))]) +
              b"\0" * 8),                                                # bytes left over

@@ -399,9 +399,10 @@ class Storvsp:
         if not pfns:                          # a range of no bytes
             return DataBuffer([], host_writes)
         first, last = pfns[0], pfns[-1]
-        if last - first == len(pfns) - 1:
+        if pfns == tuple(range(first, first + len(pfns))):
             # one run of frames (what a guest's pool hands out): checked as a whole, and
-            # one view for the executor
+            # one view for the executor. Every frame is compared: the ends alone say
+            # nothing about an untrusted list ([D, 0, D+2] spans as much as [D, D+1, D+2]).
             if not (0 < first and last < mem.nr_frames and
                     (last < ring.start or first >= ring.stop)):
                 raise _Malformed(f"PFNs {first:#x}-{last:#x} are outside guest memory or "

@@ -364,7 +364,7 @@ def _shutdown(args: argparse.Namespace) -> int:
 def _kvp_pool(word: str) -> int:
     if word in KVP_POOLS:
         return KVP_POOLS.index(word)
-    if word.isdigit() and int(word) < len(KVP_POOLS):
+    if len(word) == 1 and "0" <= word < str(len(KVP_POOLS)):     # ASCII digits only
         return int(word)
     raise Failure("kvp", f"no pool {word!r} (0-4, or {', '.join(KVP_POOLS)})", EXIT_USAGE)
 
@@ -378,6 +378,14 @@ def _kvp_check(args: argparse.Namespace) -> None:
     bytes of UTF-16, NUL included), checked before anything is sent."""
     if args.kvp_op == "list":
         return
+    for what in ("key", "value"):
+        text = getattr(args, what, None)
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Failure("kvp", f"the {what} is not valid UTF-8 text", EXIT_USAGE) from None
     if not args.key or "\0" in args.key or _units(args.key) > 255:
         raise Failure("kvp", "a key is 1 to 255 UTF-16 units without NUL", EXIT_USAGE)
     if args.kvp_op != "set":

@@ -41,6 +41,7 @@ def dev(type_: str, **keys: object) -> str:
     (dev("virtio-net", mac="53:54:00:00:00:01"), "pci.device[0].mac", "multicast"),
     (dev("virtio-blk", queue_size=100), "pci.device[0].queue_size", "power of two"),
     (dev("virtio-blk", queue_size=8), "pci.device[0].queue_size", "power of two"),
+    (dev("virtio-blk", queue_size=2048), "pci.device[0].queue_size", "16 to 1024"),
     (dev("virtio-blk", num_queues=0), "pci.device[0].num_queues", "between 1 and 64"),
     (dev("virtio-blk", sector_size=768), "pci.device[0].sector_size", "not 512"),
     (dev("virtio-blk", size="1000"), "pci.device[0].size", "multiple of the 512-byte"),

@@ -142,8 +142,8 @@ def test_the_auto_pool_is_this_machine(mnt: Mounted) -> None:
     try:
         fqdn = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET,
                                   socket.SOCK_STREAM, 0, socket.AI_CANONNAME)[0][3]
-    except OSError:
-        fqdn = "getaddrinfo failed\\n"
+    except socket.gaierror as e:       # hv_kvp_daemon: "getaddrinfo failed: 0x%x %s"
+        fqdn = f"getaddrinfo failed: 0x{(e.errno or 0) & 0xFFFFFFFF:x} {e.strerror}"
     assert list(got) == ["FullyQualifiedDomainName", "IntegrationServicesVersion",
                          "NetworkAddressIPv4", "NetworkAddressIPv6", "OSBuildNumber",
                          "OSName", "OSMajorVersion", "OSMinorVersion", "OSVersion",

@@ -18,6 +18,7 @@ from backends.pci.host_bridge import HostBridge
 from backends.virtio.simple import rng_device
 from backends.virtio.transport import VirtioPciFunction
 from vbusfs.drivers.pci.bus import PciBus
+from vbusfs.drivers.pci.sysfs import _cycles
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.pci import PciRoot
 from vbusfs.protocols.virtio import ids
@@ -42,9 +43,16 @@ class Machine:
         self.tree = Tree()
         self.tree.root.makedirs("sys/devices")
         self.bus = PciBus(self.tree, self.root, cpus=2)
-        trio.run(self.bus.run)
+        trio.run(self._scan)
         self.ids = self.identity()
         self.resources = self.read("resource")
+
+    async def _scan(self) -> None:
+        """The bus's start: scan, assign, publish (no driver is registered, so nothing
+        binds and the bus's nursery is not needed afterwards)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.bus.run)
+            nursery.cancel_scope.cancel()
 
     def identity(self) -> bytes:
         return bytes(self.root.config_read(5 << 3, at, 1) for at in (0, 1, 2, 3, 8, 9, 10, 11,
@@ -145,3 +153,28 @@ def test_remove_takes_the_function_out_and_rescan_brings_it_back() -> None:
     trio.run(machine.bus.rescan)
     assert RNG in machine.bus.devices and machine.read("resource") == before
     assert_resources_are_the_bars(machine)
+
+
+@pytest.mark.parametrize(("offset", "size", "cycles"), [
+    (0, 4, [(0, 4)]), (0, 256, [(4 * i, 4) for i in range(64)]),
+    (1, 6, [(1, 1), (2, 2), (4, 2), (6, 1)]), (2, 4, [(2, 2), (4, 2)]),
+    (3, 1, [(3, 1)]), (1, 2, [(1, 1), (2, 1)]), (0x98, 3, [(0x98, 2), (0x9A, 1)])])
+def test_config_accesses_split_as_linux_splits_them(offset: int, size: int,
+                                                    cycles: list[tuple[int, int]]) -> None:
+    """``pci_read_config``/``pci_write_config``: a byte to a word boundary, a word to a
+    dword boundary, dwords, then a word and a byte; one 4-byte write to ``pci_cfg_data`` is
+    one access to the BAR behind it, not four."""
+    assert _cycles(offset, size) == cycles
+
+
+def test_a_dword_write_to_config_is_one_cycle() -> None:
+    m = Machine()
+    seen: list[tuple[int, int]] = []
+    real = m.fn.config_write
+
+    def spy(offset: int, size: int, value: int) -> None:
+        seen.append((offset, size))
+        real(offset, size, value)
+    m.fn.config_write = spy  # type: ignore[method-assign]
+    m.write(m.dev_dir().children["config"], b"\x00\x00\x00\x00", 0x3C)  # type: ignore[arg-type]
+    assert seen == [(0x3C, 4)]

@@ -63,6 +63,9 @@ class SyncExecutor:
         done(reqs)
         return True
 
+    def drain(self) -> None:
+        """Nothing is ever out."""
+
 
 def _device() -> tuple[GuestMemory, VirtioPciFunction, VirtioBlkDevice]:
     mem = GuestMemory(MEM)

@@ -75,10 +75,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             log.info("mounted %s on %s", machine.config.machine.name, mountpoint)
             on_ready()
             await stop.wait()
-            # What the shutdown takes out of the tree (a SCSI host, as its driver unbinds)
-            # needs no invalidation: the mount goes next, and pyfuse3 sends queued ones from
-            # a thread that may find the session already closed.
-            machine.tree.on_remove = None
+            machine.tree.on_remove = None      # going away: nothing to keep fresh
             await machine.stop()
             fuse_scope.cancel()
         finally:

@@ -116,6 +116,11 @@ class Msix:
         self.table[at:at + size] = value.to_bytes(size, "little")[:len(self.table) - at]
         self.config_changed()
 
+    def clear_pending(self) -> None:
+        """Forget interrupts that were held back (QEMU's ``msix_unuse_all_vectors`` when
+        the device is reset): a stale one must not fire at the next driver's unmask."""
+        self.pending[:] = bytes(len(self.pending))
+
     def config_changed(self) -> None:
         """Deliver what became unmasked while pending."""
         if not self.enabled:

@@ -104,6 +104,13 @@ class ImageExecutor:
         self._idle = trio.Event()
         done(batch)
 
+    def drain(self) -> None:
+        """Block until the batch that is out (if any) has run on the I/O thread: after
+        this, no request given so far touches its buffers again. Its completion is still
+        delivered later, on the trio thread (callers that reset meanwhile ignore it)."""
+        if self.busy:
+            self.worker.drain()
+
     async def wait_idle(self) -> None:
         """Until no batch is out."""
         while self.busy:

@@ -32,6 +32,10 @@ _Report = Callable[[outcome.Outcome[Any]], None]
 _Job = tuple[Callable[..., Any], tuple[Any, ...], _Report]
 
 
+def _ignore(_result: outcome.Outcome[Any]) -> None:
+    pass
+
+
 class IoWorker:
     """Jobs run one at a time, in the order submitted; each one's ``report`` is called on
     the trio thread, in the same order, from a system task (no task of the caller's is
@@ -125,6 +129,18 @@ class IoWorker:
         self.submit(fn, args, report)
         await done.wait()
         return box[0].unwrap()
+
+    def drain(self) -> None:
+        """Block until every job submitted so far has run (their reports come later, on
+        the trio thread, as usual). For a device reset, which must not return while a job
+        may still write into guest memory (QEMU's ``blk_drain``); it holds up the event
+        loop for as long as that I/O takes."""
+        if self._thread is None:
+            return
+        ran = threading.Event()
+        self._jobs.append((ran.set, (), _ignore))
+        os.eventfd_write(self._kick, 1)
+        ran.wait()
 
     def close(self) -> None:
         """Let the thread finish every queued job, and wait for it: the caller may close

@@ -16,6 +16,13 @@ Requests found on one notification, across all queues, go to the executor as one
 order; while the executor has a batch out, nothing new is taken (so a flush is ordered after
 what came before it), and its completion takes what waited. Used elements are published and
 the driver interrupted once per batch, as ``vring_need_event`` allows.
+
+A reset does not return while a batch may still write into guest memory (the executor is
+drained, as QEMU's reset drains the block backend), and answers of a batch taken before it
+are dropped: each start of the device is a generation of its own.
+
+Nothing is copied out of a chain before its size is known to be what the request needs:
+only the 16 header bytes and a discard's one 16-byte segment are ever read into Python.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass
 
 from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.virtio.transport import VirtioPciFunction
-from backends.virtio.virtqueue import DeviceQueue, Element, QueueError
+from backends.virtio.virtqueue import MAX_BUFFERS, DeviceQueue, Element, QueueError
 from vbusfs.protocols.virtio import blk, ids
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,7 @@ class VirtioBlkDevice:
         self.queue_size = params.queue_size
         self.sectors = executor.image.size // blk.SECTOR
         self.fn: VirtioPciFunction | None = None
+        self.generation = 0
         self._pumping = False
         self._answer: Callable[[list[_Work]], None] | None = None
         self.requests = 0
@@ -99,7 +107,8 @@ class VirtioBlkDevice:
         lbs = self.p.sector_size
         exp = (self.p.physical_block_size // lbs).bit_length() - 1
         return blk.CONFIG.pack(
-            self.sectors, 0, self.queue_size - 2, 0, 0, 0, lbs, exp, 0, 1, 0, 1,
+            self.sectors, 0, min(self.queue_size, MAX_BUFFERS) - 2, 0, 0, 0, lbs, exp, 0,
+            1, 0, 1,
             self.num_queues, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, lbs // blk.SECTOR,
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
 
@@ -108,7 +117,7 @@ class VirtioBlkDevice:
 
     def start(self, fn: VirtioPciFunction) -> None:
         self.fn = fn
-        self._answer = functools.partial(self._done, fn)
+        self._answer = functools.partial(self._done, fn, self.generation)
         for q in fn.queues:
             q.bell.handler = self.pump
 
@@ -118,9 +127,11 @@ class VirtioBlkDevice:
                 q.bell.handler = None
         self.fn = None
         self._answer = None
+        self.generation += 1
+        self.executor.drain()
 
     def _negotiated(self, bit: int) -> bool:
-        return self.fn is not None and bool(self.fn.driver_features >> bit & 1)
+        return self.fn is not None and bool(self.fn.features >> bit & 1)
 
     # -- the queues -----------------------------------------------------------------------------
     def pump(self) -> bool:
@@ -155,9 +166,13 @@ class VirtioBlkDevice:
         finally:
             self._pumping = False
 
-    def _done(self, fn: VirtioPciFunction, work: list[_Work]) -> None:
-        if fn is not self.fn or fn.broken:
-            return                             # reset meanwhile: nothing to answer on
+    def _done(self, fn: VirtioPciFunction, generation: int, work: list[_Work]) -> None:
+        if generation != self.generation or fn.broken:
+            # reset meanwhile (the queues are someone else's now), or broken: no answers;
+            # a device started again since then may have requests waiting for the executor
+            if self.fn is not None and not self._pumping:
+                self.pump()
+            return
         for w in work:
             self._complete(w, blk.S_OK if not w.status else
                            blk.S_UNSUPP if w.status == errno.EOPNOTSUPP else blk.S_IOERR)
@@ -194,13 +209,7 @@ class VirtioBlkDevice:
             raise QueueError("virtio-blk request header too short")
         if not into or len(into[-1]) < 1:
             raise QueueError("virtio-blk request without a status byte")
-        if len(out[0]) >= blk.OUTHDR.size:          # the usual layout: one header buffer
-            hdr = bytes(out[0][:blk.OUTHDR.size])
-            data_out = [out[0][blk.OUTHDR.size:], *out[1:]] \
-                if len(out[0]) > blk.OUTHDR.size else out[1:]
-        else:                                        # ANY_LAYOUT: the header is split
-            joined = b"".join(bytes(b) for b in out)
-            hdr, data_out = joined[:blk.OUTHDR.size], [memoryview(joined)[blk.OUTHDR.size:]]
+        hdr, data_out = _split(out, blk.OUTHDR.size)   # ANY_LAYOUT: it may be split
         rtype, _ioprio, sector = blk.OUTHDR.unpack(hdr)
         status_byte = into[-1][-1:]
         data_in = [*into[:-1], into[-1][:-1]] if len(into[-1]) > 1 else into[:-1]
@@ -243,11 +252,10 @@ class VirtioBlkDevice:
         if not self._negotiated(bit) or self.p.readonly:
             self._answer_now(q, elem, status_byte, blk.S_UNSUPP)
             return None
-        raw = b"".join(bytes(b) for b in data_out)
-        if len(raw) != blk.DISCARD_SEG.size * MAX_DISCARD_SEG:
+        if sum(map(len, data_out)) != blk.DISCARD_SEG.size * MAX_DISCARD_SEG:
             self._answer_now(q, elem, status_byte, blk.S_UNSUPP)     # QEMU: one segment
             return None
-        sector, nsec, flags = blk.DISCARD_SEG.unpack(raw)
+        sector, nsec, flags = blk.DISCARD_SEG.unpack(_split(data_out, blk.DISCARD_SEG.size)[0])
         allowed = 0 if rtype == blk.T_DISCARD else blk.WRITE_ZEROES_FLAG_UNMAP
         if flags & ~allowed or nsec > MAX_DISCARD_SECTORS:
             self._answer_now(q, elem, status_byte, blk.S_UNSUPP)
@@ -270,3 +278,18 @@ class VirtioBlkDevice:
               q: DeviceQueue, elem: Element, status_byte: memoryview, written: int) -> _Work:
         return _Work(op, offset, length, iov, False, False, 0, q, elem.head, status_byte,
                      written)
+
+
+def _split(bufs: list[memoryview], n: int) -> tuple[bytes, list[memoryview]]:
+    """The first ``n`` bytes of ``bufs`` (which hold at least that many), copied, and views
+    of the rest; nothing beyond the ``n`` bytes is copied."""
+    head = bytearray()
+    i = 0
+    while len(head) < n:
+        take = n - len(head)
+        b = bufs[i]
+        head += b[:take]
+        if len(b) > take:
+            return bytes(head), [b[take:], *bufs[i + 1:]]
+        i += 1
+    return bytes(head), bufs[i:]

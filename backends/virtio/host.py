@@ -95,7 +95,7 @@ class PciHost:
             async with trio.open_nursery() as nursery:
                 for fn in self.functions.values():
                     for q in fn.queues:
-                        nursery.start_soon(self._fallback, q.bell)
+                        nursery.start_soon(self._fallback, fn, q.bell)
                 task_status.started()
         finally:
             for slot in list(self.functions):
@@ -105,8 +105,14 @@ class PciHost:
                 close()
 
     @staticmethod
-    async def _fallback(bell: Doorbell) -> None:
+    async def _fallback(fn: VirtioPciFunction, bell: Doorbell) -> None:
+        """A device model that fails on what a driver gave it stops that function (its
+        driver sees DEVICE_NEEDS_RESET), never the host."""
         while True:
             await bell.wait()
             if bell.handler is not None:
-                bell.handler()
+                try:
+                    bell.handler()
+                except Exception as e:
+                    log.exception("virtio %s: the device model failed", bell.name)
+                    fn.fail(f"internal error: {e!r}")

@@ -115,15 +115,24 @@ class VirtioPciFunction(PciDevice):
         self.generation = 0
         self.config_vector = vp.MSI_NO_VECTOR
         self.broken = ""
+        self.model.reset()                 # first: it drains what is in flight
         for q in self.queues:
             q.reset()
             q.vector = vp.MSI_NO_VECTOR
-        self.model.reset()
+        if self.msix is not None:
+            self.msix.clear_pending()
+
+    @property
+    def features(self) -> int:
+        """What is in effect: what the driver wrote, of what was offered (QEMU masks the
+        driver's word with the host's features as it is written; the register reads back
+        as written)."""
+        return self.driver_features & self.device_features
 
     @property
     def legacy_mode(self) -> bool:
         """Driven through the legacy interface (VERSION_1 was not negotiated)."""
-        return not self.driver_features >> ids.F_VERSION_1 & 1
+        return not self.features >> ids.F_VERSION_1 & 1
 
     def _set_status(self, value: int, legacy: bool) -> None:
         if value == 0:
@@ -144,8 +153,8 @@ class VirtioPciFunction(PciDevice):
             self._start()
 
     def _start(self) -> None:
-        event_idx = bool(self.driver_features >> ids.F_EVENT_IDX & 1)
-        indirect = bool(self.driver_features >> ids.F_INDIRECT_DESC & 1)
+        event_idx = bool(self.features >> ids.F_EVENT_IDX & 1)
+        indirect = bool(self.features >> ids.F_INDIRECT_DESC & 1)
         try:
             for q in self.queues:
                 if q.enabled or (q.desc_addr and self.legacy_mode):
@@ -190,8 +199,8 @@ class VirtioPciFunction(PciDevice):
         if COMMON_OFF <= offset < COMMON_OFF + vp.COMMON_CFG_SIZE:
             return self._common_read(offset - COMMON_OFF, size)
         if ISR_OFF <= offset < ISR_OFF + REGION:
-            isr, self.isr = self.isr, 0            # reading clears it
-            return isr if offset == ISR_OFF else 0
+            isr, self.isr = self.isr, 0            # reading clears it, at any offset (QEMU)
+            return isr
         if DEVICE_OFF <= offset < DEVICE_OFF + REGION:
             return self._config_read(offset - DEVICE_OFF, size)
         return 0
@@ -290,8 +299,8 @@ class VirtioPciFunction(PciDevice):
         elif off == vp.C_Q_ENABLE:
             if value == 1:
                 try:
-                    q.activate(bool(self.driver_features >> ids.F_EVENT_IDX & 1),
-                               bool(self.driver_features >> ids.F_INDIRECT_DESC & 1))
+                    q.activate(bool(self.features >> ids.F_EVENT_IDX & 1),
+                               bool(self.features >> ids.F_INDIRECT_DESC & 1))
                 except QueueError as e:
                     self.fail(str(e))
         elif off in (vp.C_Q_DESCLO, vp.C_Q_DESCHI, vp.C_Q_AVAILLO, vp.C_Q_AVAILHI,
@@ -348,17 +357,19 @@ class VirtioPciFunction(PciDevice):
         if off == vp.GUEST_FEATURES and size == 4:
             self.driver_features = value & self.device_features & 0xFFFFFFFF
         elif off == vp.QUEUE_PFN and size == 4 and q is not None:
-            if value == 0:
-                q.reset()
+            if value == 0:                  # QEMU: a PFN of 0 resets the whole device
+                self.reset_device()
                 return
+            if q.enabled:
+                return                      # a live queue is not moved under the device
             # the legacy layout: one contiguous ring, VRING_ALIGN 4096, the device's size
             q.size = q.max_size
             q.desc_addr = value << vp.QUEUE_ADDR_SHIFT
             avail, used, _ = ring.legacy_layout(q.size)
             q.avail_addr, q.used_addr = q.desc_addr + avail, q.desc_addr + used
             try:
-                q.activate(bool(self.driver_features >> ids.F_EVENT_IDX & 1),
-                           bool(self.driver_features >> ids.F_INDIRECT_DESC & 1))
+                q.activate(bool(self.features >> ids.F_EVENT_IDX & 1),
+                           bool(self.features >> ids.F_INDIRECT_DESC & 1))
             except QueueError as e:
                 self.fail(str(e))
         elif off == vp.QUEUE_SEL and size == 2:

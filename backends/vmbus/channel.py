@@ -7,6 +7,7 @@ the other: the server runs whatever :class:`DeviceModel` a :class:`ChannelSpec` 
 
 from __future__ import annotations
 
+import errno
 import uuid
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,9 +84,13 @@ class HostChannel:
         return self.endpoint is not None
 
     async def receive(self) -> list[Packet]:
-        assert self.endpoint is not None
-        return await self.endpoint.receive()
+        ep = self.endpoint
+        if ep is None:                    # closed (or rescinded) before the model saw it
+            raise OSError(errno.ENOTCONN, f"{self.name}: the channel is closed")
+        return await ep.receive()
 
     async def send(self, ptype: int, flags: int, trans_id: int, payload: bytes) -> None:
-        assert self.endpoint is not None
-        await self.endpoint.send(ptype, flags, trans_id, payload)
+        ep = self.endpoint
+        if ep is None:
+            raise OSError(errno.ENOTCONN, f"{self.name}: the channel is closed")
+        await ep.send(ptype, flags, trans_id, payload)

@@ -98,13 +98,17 @@ class IcDevice:
         self._pending: _Pending | None = None
         self._orphans = 0
         self._negotiated = trio.Event()
+        self._session = 0                 # which opening of the channel run() serves
 
     # -- the channel -----------------------------------------------------------------------
     async def run(self, chan: HostChannel) -> None:
+        self._session += 1
+        session = self._session
         self._chan = chan
         self.state = "negotiating"
         self.framework = self.version = self.failure = None
-        self._pending, self._orphans = None, 0
+        self._finish(OSError(errno.ENOTCONN, f"{self.service}: the channel was reopened"))
+        self._orphans = 0
         self._negotiated = trio.Event()
         try:
             await chan.send(PacketType.DATA_INBAND, 0, 0,
@@ -119,9 +123,12 @@ class IcDevice:
                         log.debug("%s IC: %s", self.service, e)
                 await trio.sleep_forever()
         finally:
-            self._chan = None
-            self.state = "closed"
-            self._finish(OSError(errno.ENOTCONN, f"{self.service}: the channel closed"))
+            # A guest that closes and reopens at once may have started the next session
+            # already (the host runs one model per channel): this one only ends its own.
+            if self._session == session:
+                self._chan = None
+                self.state = "closed"
+                self._finish(OSError(errno.ENOTCONN, f"{self.service}: the channel closed"))
 
     async def _receive(self, chan: HostChannel) -> None:
         while True:
@@ -381,6 +388,7 @@ class KvpIc(IcDevice):
         self.pushed: list[tuple[int, str, int]] = []      # pool, key, status
 
     async def serve(self) -> None:
+        self.pushed = []                  # this session's pushes
         for pool, key, value in self.initial:
             try:
                 status = (await self.set(pool, KvpItem(key, value))).status

@@ -134,6 +134,13 @@ class PagePool:
     def view(self, pfn: int) -> memoryview:
         return self.memory.view(pfn)
 
+    def close(self) -> None:
+        """Give the frames back to guest memory (once nothing can touch them any more)."""
+        if self.nr_pages:
+            self.memory.free(self.base, self.nr_pages)
+            self.nr_pages = self.free_pages = 0
+            self._free = []
+
 
 class Engine:
     def __init__(self, memory: GuestMemory, transport: Transport, nr_commands: int,

@@ -85,8 +85,8 @@ PCI_DEVICE = Section("pci.device", "`[[pci.device]]`", "", {
                   "virtio-blk: what GET_ID answers (`serial` in sysfs); derived from the "
                   "machine name and slot when absent", "derived"),
     "queue_size": Key(int, "a queue size", 256, "integer",
-                      "virtio-blk: entries per virtqueue, a power of two 16..32768 "
-                      "(`seg_max` is this − 2)"),
+                      "virtio-blk: entries per virtqueue, a power of two 16..1024 (QEMU's "
+                      "`VIRTQUEUE_MAX_SIZE`; `seg_max` is this − 2)"),
     "num_queues": Key(int, "a queue count", 1, "integer 1–64",
                       "virtio-blk: request queues (more than 1 offers `multi-queue`)"),
     "sector_size": Key(int, "512, 1024, 2048 or 4096", 512, "integer",
@@ -187,8 +187,8 @@ def _blk(key: str, d: dict[str, Any], machine: MachineConfig, transitional: bool
         raise ConfigError(f"{key}.size", f"{size} is not a positive multiple of the {ss}-byte "
                           "sector size")
     qs = d["queue_size"]
-    if not 16 <= qs <= 32768 or qs & (qs - 1):
-        raise ConfigError(f"{key}.queue_size", f"{qs} is not a power of two from 16 to 32768")
+    if not 16 <= qs <= 1024 or qs & (qs - 1):
+        raise ConfigError(f"{key}.queue_size", f"{qs} is not a power of two from 16 to 1024")
     if not 1 <= d["num_queues"] <= 64:
         raise ConfigError(f"{key}.num_queues", f"{d['num_queues']} is not between 1 and 64")
     for j, f in enumerate(d["features"]):

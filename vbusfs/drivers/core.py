@@ -65,6 +65,7 @@ class _Binding(Generic[D]):
     driver: Driver[D]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     gone: trio.Event = field(default_factory=trio.Event)
+    removing: bool = False
 
 
 class _Ready:
@@ -144,6 +145,10 @@ class DriverTable(Generic[D]):
         b = self._bound.get(dev.name)
         if b is None:
             return
+        if b.removing:                  # another unbind runs remove (Linux: device_lock)
+            await b.gone.wait()
+            return
+        b.removing = True
         try:
             with trio.move_on_after(deadline) as waited:
                 await b.driver.remove(dev)

@@ -8,6 +8,7 @@ large guest costs only what is touched.
 
 from __future__ import annotations
 
+import errno
 import mmap
 
 __all__ = ["PAGE_SIZE", "GuestMemory", "MemoryError_"]
@@ -15,8 +16,12 @@ __all__ = ["PAGE_SIZE", "GuestMemory", "MemoryError_"]
 PAGE_SIZE = 4096
 
 
-class MemoryError_(Exception):  # noqa: N801 - not the builtin MemoryError
-    """A guest-physical access outside guest memory, or the allocator ran out of frames."""
+class MemoryError_(OSError):  # noqa: N801 - not the builtin MemoryError
+    """A guest-physical access outside guest memory (EFAULT), or the allocator ran out of
+    frames (ENOMEM): an OSError, so a driver's probe that meets it fails as a probe does."""
+
+    def __init__(self, message: str, err: int = errno.EFAULT) -> None:
+        super().__init__(err, message)
 
 
 class GuestMemory:
@@ -45,7 +50,8 @@ class GuestMemory:
                 else:
                     self._free[i] = (start + count, n - count)
                 return start      # free frames are zero: never touched, or dropped by free()
-        raise MemoryError_(f"no {count} contiguous free frames in guest memory")
+        raise MemoryError_(f"no {count} contiguous free frames in guest memory",
+                           errno.ENOMEM)
 
     def free(self, pfn: int, count: int) -> None:
         """Return frames; they read as zeros from now on and stop being resident (as a

@@ -82,6 +82,7 @@ class PciBus:
             self._nursery = nursery
             await self.rescan()
             task_status.started()
+            await trio.sleep_forever()     # bindings (bind, rescan) start here until the end
 
     async def rescan(self) -> None:
         """``pci_rescan_bus``: assign, publish and probe every function that answers and is

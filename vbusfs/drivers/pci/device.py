@@ -143,14 +143,18 @@ class PciDev:
             return False
         self.write_config(cap + pci.MSIX_FLAGS, 2, ctrl | pci.MSIX_FLAGS_ENABLE |
                           pci.MSIX_FLAGS_MASKALL)
-        for i, bell in enumerate(bells):
-            vector = self.root.msi.bind(bell)
-            self._vectors.append(vector)
-            at = off + 16 * i
-            self.bar_write(bir, at, 4, APIC_BASE)
-            self.bar_write(bir, at + 4, 4, 0)
-            self.bar_write(bir, at + 8, 4, vector)
-            self.bar_write(bir, at + 12, 4, 0)                 # unmasked
+        try:
+            for i, bell in enumerate(bells):
+                vector = self.root.msi.bind(bell)
+                self._vectors.append(vector)
+                at = off + 16 * i
+                self.bar_write(bir, at, 4, APIC_BASE)
+                self.bar_write(bir, at + 4, 4, 0)
+                self.bar_write(bir, at + 8, 4, vector)
+                self.bar_write(bir, at + 12, 4, 0)                 # unmasked
+        except BaseException:
+            self.disable_msix()               # no vector half-assigned outlives the failure
+            raise
         self.write_config(cap + pci.MSIX_FLAGS, 2, (ctrl | pci.MSIX_FLAGS_ENABLE) &
                           ~pci.MSIX_FLAGS_MASKALL)
         return True

@@ -117,22 +117,39 @@ DEVICE_GROUP: Group[PciDev] = Group([
 ])
 
 
+def _cycles(offset: int, size: int) -> list[tuple[int, int]]:
+    """The configuration cycles ``pci_read_config``/``pci_write_config`` split an access
+    into: a byte to reach a word boundary, a word to reach a dword boundary, dwords, then
+    a word and a byte for what is left."""
+    out: list[tuple[int, int]] = []
+    if offset & 1 and size:
+        out.append((offset, 1))
+        offset, size = offset + 1, size - 1
+    if offset & 3 and size > 2:
+        out.append((offset, 2))
+        offset, size = offset + 2, size - 2
+    while size > 3:
+        out.append((offset, 4))
+        offset, size = offset + 4, size - 4
+    if size >= 2:
+        out.append((offset, 2))
+        offset, size = offset + 2, size - 2
+    if size:
+        out.append((offset, 1))
+    return out
+
+
 def _config_reader(d: PciDev) -> Callable[[int, int], bytes]:
     def read(offset: int, size: int) -> bytes:
-        out = bytearray()
-        at = offset
-        while at < offset + size:          # dword cycles where aligned, bytes at the edges
-            n = 4 if at % 4 == 0 and offset + size - at >= 4 else 1
-            out += d.read_config(at, n).to_bytes(n, "little")
-            at += n
-        return bytes(out)
+        return b"".join(d.read_config(at, n).to_bytes(n, "little")
+                        for at, n in _cycles(offset, size))
     return read
 
 
 def _config_writer(d: PciDev) -> Callable[[int, bytes], int]:
     def write(offset: int, data: bytes) -> int:
-        for i, b in enumerate(data):
-            d.write_config(offset + i, 1, b)
+        for at, n in _cycles(offset, len(data)):
+            d.write_config(at, n, int.from_bytes(data[at - offset:at - offset + n], "little"))
         return len(data)
     return write
 

@@ -268,7 +268,9 @@ class _DiskState:
         queues = dev.transport.find_queues(self.bells, self.config_bell,
                                            event_idx=has(ids.F_EVENT_IDX), indirect=indirect)
         qsize = queues[0].size
-        sg_elems = min(max(cfg.get("seg_max", 1), 1), qsize - 2)
+        if qsize < 3:                       # header + data + status must fit a chain
+            raise OSError(errno.ENODEV, f"{dev.name}: queue of {qsize} entries is too small")
+        sg_elems = max(1, min(cfg.get("seg_max", 1), qsize - 2))
         size_max = cfg.get("size_max", 0) or _UINT_MAX
         if size_max < PAGE_SIZE:
             raise OSError(errno.EINVAL, f"{dev.name}: size_max {size_max} is below a page")
@@ -335,12 +337,17 @@ class _DiskState:
             for bell in [*self.bells, self.config_bell]:
                 n.start_soon(self._wait, bell)
 
-    @staticmethod
-    async def _wait(bell: Doorbell) -> None:
+    async def _wait(self, bell: Doorbell) -> None:
         while True:
             await bell.wait()
             if bell.handler is not None:
-                bell.handler()
+                try:
+                    bell.handler()
+                except Exception:
+                    log.exception("%s: interrupt handler failed; failing the disk's I/O",
+                                  self.dev.name)
+                    if self.engine is not None:
+                        self.engine.fail_all()
 
     async def close(self) -> None:
         """Remove: no new I/O, drain what is in flight, then fail what is left."""
@@ -353,11 +360,14 @@ class _DiskState:
             self.engine.fail_all()
 
     def release(self) -> None:
+        """After the reset: the device has let go of every buffer, so the memory goes back."""
         for bell in [*self.bells, self.config_bell]:
             bell.handler = None
         if self.transport is not None:
             self.transport.release()
             self.transport = None
+        if self.engine is not None:
+            self.engine.pool.close()
         if self.index >= 0:
             self.drv._indices.discard(self.index)
             self.index = -1

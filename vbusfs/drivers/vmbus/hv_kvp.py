@@ -21,7 +21,7 @@ import struct
 
 import trio
 
-from vbusfs.drivers.vmbus.kvp_daemon import KvpDaemon
+from vbusfs.drivers.vmbus.kvp_daemon import EAI_AGAIN, KvpDaemon, getaddrinfo_failed
 from vbusfs.drivers.vmbus.util_service import HvUtilsPlatform, UtilService
 from vbusfs.platform.memory import PAGE_SIZE
 from vbusfs.protocols.vmbus import hv_ic, hv_kvp
@@ -33,7 +33,6 @@ from vbusfs.protocols.vmbus.hv_kvp import (
     REG_U32,
     REG_U64,
     KvpOp,
-    KvpPool,
     utf8s_to_utf16s,
     utf16s_to_utf8s,
 )
@@ -101,15 +100,8 @@ class KvpService(UtilService):
             self.daemon.fqdn = await trio.to_thread.run_sync(self.platform.fqdn,
                                                              abandon_on_cancel=True)
             return
-        self.daemon.fqdn = "getaddrinfo failed\n"
-
-    async def prepare(self, payload: bytes) -> None:
-        # the daemon looks the host name up when asked for FullyQualifiedDomainName
-        if self.daemon is not None and len(payload) >= _BODY + 8 and \
-                struct.unpack_from("<H", payload, 12)[0] == self.msgtype and \
-                payload[_BODY] == KvpOp.ENUMERATE and payload[_BODY + 1] == KvpPool.AUTO and \
-                struct.unpack_from("<I", payload, _BODY + _EN_INDEX)[0] == 0:
-            await self._resolve()
+        self.daemon.fqdn = getaddrinfo_failed(EAI_AGAIN, "Temporary failure in name "
+                                              "resolution")
 
     def handle(self, buf: bytearray) -> bytearray | None:
         assert self.daemon is not None, "the KVP daemon starts before the channel opens"

@@ -115,15 +115,28 @@ def os_identity(os_release: Path = Path("/etc/os-release")) -> OsIdentity:
     return OsIdentity(name, major, "", uts.release.split("-", 1)[0], uts.release, uts.machine)
 
 
+#: getaddrinfo's EAI_AGAIN and EAI_SYSTEM (glibc's values)
+EAI_AGAIN, EAI_SYSTEM = -3, -11
+
+
+def getaddrinfo_failed(code: int, text: str) -> str:
+    """The daemon's text when the lookup fails: ``"getaddrinfo failed: 0x%x %s"`` with the
+    EAI code (printed as an unsigned int) and ``gai_strerror``."""
+    return f"getaddrinfo failed: 0x{code & 0xFFFFFFFF:x} {text}"
+
+
 def resolve_fqdn() -> str:
     """``kvp_get_domain_name``: the canonical name of ``gethostname()`` (IPv4 only), or the
     daemon's own error text. Blocking: call it from a thread."""
     try:
         infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET,
                                    socket.SOCK_STREAM, 0, socket.AI_CANONNAME)
-    except OSError:
-        return "getaddrinfo failed\n"
-    return infos[0][3] if infos else "getaddrinfo failed\n"
+    except socket.gaierror as e:
+        return getaddrinfo_failed(e.errno if e.errno is not None else EAI_SYSTEM,
+                                  e.strerror or "")
+    except OSError as e:
+        return getaddrinfo_failed(EAI_SYSTEM, e.strerror or "System error")
+    return infos[0][3] if infos else getaddrinfo_failed(EAI_AGAIN, "no address")
 
 
 def _cstr(mem: bytes | bytearray, off: int, limit: int | None = None) -> bytes:

@@ -93,6 +93,11 @@ class UtilService:
         self._work: list[Callable[[], None]] = []
 
     async def run(self, ep: RingEndpoint) -> None:
+        # A new channel has a fresh ring: a packet that silenced the old one is gone (Linux
+        # recovers the same way, through util_remove and util_probe), and nothing the old
+        # channel left to do carries over.
+        self.stalled = False
+        self._work = []
         while True:
             for pkt in await ep.receive():
                 payload = bytes(pkt.payload)
@@ -105,9 +110,12 @@ class UtilService:
                     log.exception("%s: answering a %d-byte packet failed", self.label,
                                   len(payload))
                     continue
-                if reply is not None:
-                    await ep.send(PacketType.DATA_INBAND, 0, pkt.trans_id, bytes(reply))
-                self.after_reply()
+                try:
+                    if reply is not None:
+                        await ep.send(PacketType.DATA_INBAND, 0, pkt.trans_id, bytes(reply))
+                finally:
+                    # Linux schedules the work whatever vmbus_sendpacket returned
+                    self.after_reply()
 
     async def start(self) -> None:
         """What the service's init does before the channel opens (the KVP daemon starts);
@@ -152,8 +160,11 @@ class UtilService:
         buf, outcome = hv_ic.guest_negotiate(payload, self.fw_pref, self.srv_pref)
         if outcome is None:
             log.warning("%s: invalid icmsg negotiate (%d bytes)", self.label, len(payload))
-        elif outcome.ok:
-            self.framework, self.version = outcome.framework, outcome.service
+            return buf
+        # written whether or not a version matched, as vmbus_prep_negotiate_resp does (for
+        # timesync it decides which body the next sample is read with)
+        self.framework, self.version = outcome.framework, outcome.service
+        if outcome.ok:
             log.info("hv_utils: %s IC version %d.%d", self.label, *outcome.service)
         return buf
 

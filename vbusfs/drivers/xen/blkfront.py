@@ -406,6 +406,13 @@ class Blkfront:
             del_disk(env.tree, self.disk, env.control)
         if self.transport is not None:
             self.transport.end_pool()
+            if self.engine is not None:
+                if self.transport.leaked_grants:
+                    log.warning("%s: %d pool grants still mapped by the backend; their "
+                                "pages stay allocated", self.dev.name,
+                                self.transport.leaked_grants)
+                else:
+                    self.engine.pool.close()
         for ref in self.ring_refs:
             if not env.grants.end_access(ref):
                 log.warning("%s: ring grant %d still mapped by the backend", self.dev.name,

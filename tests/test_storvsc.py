@@ -335,6 +335,26 @@ async def test_enumerate_bus_adds_and_removes_disks(tmp_path: Path) -> None:
         assert "sda" in rig.tree.resolve("dev").children          # the other stays
 
 
+async def test_a_removed_disk_gives_its_pages_back(tmp_path: Path) -> None:
+    """Delete and rescan, again and again (as `echo 1 > delete` and the host's `scan`): each
+    disk's page pool goes back to guest memory when it goes, so nothing runs out."""
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+
+        def taken() -> int:
+            return rig.memory.nr_frames - rig.memory.free_frames() - len(rig.ctrl._bounce)
+
+        before = taken()
+        for _ in range(3):
+            await rig.disk().write(0, b"x" * 4096)
+            await host.remove_device(host.devices[(0, 0, 0)])
+            assert (0, 0, 0) not in host.devices and taken() < before
+            await host.scan()
+            assert taken() == before
+        assert await rig.disk().read(0, 4096) == b"x" * 4096
+
+
 # -- a host that answers nonsense -----------------------------------------------------------------
 
 async def test_nonsense_completions_are_dropped_or_fail_the_command(

@@ -183,9 +183,12 @@ class ScsiBus:
                 except OSError as e:
                     log.info("%s: synchronize cache failed: %s", sd.name, e)
             if not drained:
-                log.warning("%s: I/O still in flight after %.0f s; failing it", sd.name,
-                            deadline)
+                log.warning("%s: I/O still in flight after %.0f s; failing it; its pages "
+                            "stay allocated", sd.name, deadline)
             sd.engine.fail_all()
+            if drained:
+                # nothing in flight: the host no longer names a page of the pool
+                sd.engine.pool.close()
         assert sdev.dir is not None
         if "scsi_disk" in sdev.dir.children:
             sdev.dir.remove("scsi_disk")

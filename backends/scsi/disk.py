@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import struct
 import uuid
@@ -195,6 +196,7 @@ class ScsiDiskParams:
     max_transfer: int = 8 << 20  # maximum_transfer_length (caps WRITE SAME)
 
 
+@functools.lru_cache(maxsize=256)
 def inquiry_no_lun(lun: int) -> bytes:
     """What Hyper-V answers an INQUIRY to a LUN it does not have: success, peripheral
     qualifier 3 / type 0x1F, the Msft strings only on LUN 0 (reference §4.8)."""

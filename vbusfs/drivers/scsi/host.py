@@ -326,9 +326,21 @@ class ScsiHost:
         for c in range(a.max_channel + 1) if channel is None else (channel,):
             for t in range(a.max_id) if target is None else (target,):
                 await self.scan_target(c, t, lun)
+        # A driver whose host answers from its doorbell handler runs a whole scan without
+        # waiting (a few ms): one checkpoint for it, not one per command or target, since
+        # each costs a turn of the event loop and a machine may scan hundreds of hosts.
+        await trio.lowlevel.checkpoint()
+
+    async def _scan_lock(self) -> None:
+        """``scan_mutex``, taken without a turn of the event loop when it is free."""
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
 
     async def scan_target(self, channel: int, target: int, only: int | None = None) -> None:
-        async with self._lock:
+        await self._scan_lock()
+        try:
             lun0 = await self._probe_lun(channel, target, 0)
             if lun0 is None:
                 return
@@ -341,6 +353,8 @@ class ScsiHost:
                 if data is None or data[0] >> 5 != 0 or data[0] & 0x1F == 0x1F:
                     continue                  # peripheral qualifier: no device here
                 await self._add_lun(channel, target, lun, data)
+        finally:
+            self._lock.release()
 
     async def _add_lun(self, channel: int, target: int, lun: int, data: bytes) -> None:
         """``scsi_add_lun`` + ``scsi_sysfs_add_sdev`` (+ sd for a disk)."""

@@ -89,20 +89,22 @@ def can_queue_for(ring: int, sub_channels: int = 0) -> int:
 
 class _Slot:
     """One tag in flight: an engine command (``transport``/``cmd``) or a command of the
-    midlayer's own (``done`` is set when ``result`` is). A plain class with slots: one is
-    made per command, on the I/O path."""
+    midlayer's own (``midlayer``: ``result`` is set when the answer comes, and ``done`` too
+    if its caller had to wait). A plain class with slots: one is made per command, on the
+    I/O path."""
 
-    __slots__ = ("sdev", "req", "transport", "cmd", "done", "result", "retries", "tag",
-                 "orphan")
+    __slots__ = ("sdev", "req", "transport", "cmd", "midlayer", "done", "result", "retries",
+                 "tag", "orphan")
 
     def __init__(self, sdev: ScsiDevice, req: ScsiRequest,
                  transport: StorvscTransport | None = None, cmd: Command | None = None,
-                 done: trio.Event | None = None) -> None:
+                 midlayer: bool = False) -> None:
         self.sdev = sdev
         self.req = req
         self.transport = transport
         self.cmd = cmd
-        self.done = done
+        self.midlayer = midlayer
+        self.done: trio.Event | None = None
         self.result: CmdResult | None = None
         self.retries = 0
         self.tag = -1
@@ -163,10 +165,12 @@ class Storvsc:
         self.port_number = 0
         self.host: ScsiHost | None = None
         self._tags = list(range(self.can_queue - 1, -1, -1))
-        self._tag_free = trio.Event()
+        # woken when a tag or ring space comes back; made only when someone waits (most
+        # commands never do, and an Event per command is a measurable part of one)
+        self._tag_free: trio.Event | None = None
         self._inflight: dict[int, _Slot] = {}
         self._retry: collections.deque[_Slot] = collections.deque()
-        self._space = trio.Event()
+        self._space: trio.Event | None = None
         self._init: _Init | None = None
         self.transports: list[StorvscTransport] = []
         self.broken = False
@@ -191,8 +195,9 @@ class Storvsc:
         if slot is not None:
             slot.tag = -1
         self._tags.append(tag)
-        self._tag_free.set()
-        self._tag_free = trio.Event()
+        if self._tag_free is not None:
+            self._tag_free.set()
+            self._tag_free = None
 
     @staticmethod
     def _space_for(req: ScsiRequest) -> int:
@@ -222,8 +227,9 @@ class Storvsc:
                                  payload)
 
     async def _wait_space(self) -> None:
-        space = self._space
-        await space.wait()
+        if self._space is None:
+            self._space = trio.Event()
+        await self._space.wait()
 
     # -- init (storvsc_channel_init) -------------------------------------------------------
     async def _init_op(self, op: Operation, body: bytes = b"") -> tuple[int, int, bytes]:
@@ -300,8 +306,9 @@ class Storvsc:
         if self.broken:
             return CmdResult(HostByte.DID_NO_CONNECT, 0)
         while not self._tags:
-            free = self._tag_free
-            await free.wait()
+            if self._tag_free is None:
+                self._tag_free = trio.Event()
+            await self._tag_free.wait()
         tag = self._take_tag()
         npages = -(-length // PAGE_SIZE)
         if npages == 1 and self._bounce:
@@ -309,8 +316,7 @@ class Storvsc:
         else:
             pfn = self.memory.alloc(npages) if npages else 0
         req = ScsiRequest(cdb, direction, length, list(range(pfn, pfn + npages)))
-        done = trio.Event()
-        slot = _Slot(sdev, req, done=done)
+        slot = _Slot(sdev, req, midlayer=True)
         self._inflight[tag] = slot
         try:
             if data_out:
@@ -319,12 +325,11 @@ class Storvsc:
                 await self._wait_space()
             self.ep.flush_signal()
             if slot.result is None:
+                slot.done = trio.Event()
                 with trio.move_on_after(sdev.timeout):
-                    await done.wait()
-            else:
-                # answered from the doorbell handler the signal ran; still a checkpoint,
-                # as every trio call that can block is
-                await trio.lowlevel.checkpoint()
+                    await slot.done.wait()
+            # else: answered from the doorbell handler the signal ran, no wait at all (the
+            # scan checkpoints once per target, so a host scan still lets others run)
             result = slot.result
             if result is None:
                 log.warning("storvsc %s: %s: command %#x timed out", self.dev.name,
@@ -373,8 +378,9 @@ class Storvsc:
         except ChannelBroken:
             self._fail_everything()
             return True
-        self._space.set()
-        self._space = trio.Event()
+        if self._space is not None:
+            self._space.set()
+            self._space = None
         for pkt in pkts:
             self._on_packet(pkt)
         self._restart()
@@ -481,9 +487,10 @@ class Storvsc:
         return CmdResult(host, scsi_status, sense, dtl)
 
     def _finish(self, tag: int, slot: _Slot, result: CmdResult) -> None:
-        if slot.done is not None:                # the midlayer's own command
+        if slot.midlayer:                        # the midlayer's own command
             slot.result = result
-            slot.done.set()
+            if slot.done is not None:
+                slot.done.set()
             if slot.orphan is not None:          # answered after its waiter gave up
                 log.info("storvsc %s: %s: late answer to command %#x", self.dev.name,
                          slot.sdev.name, slot.req.cdb[0])
@@ -522,13 +529,15 @@ class Storvsc:
         """The ring is gone: every command fails."""
         self.broken = True
         for slot in list(self._inflight.values()):
-            if slot.done is not None:
+            if slot.midlayer:
                 slot.result = CmdResult(HostByte.DID_NO_CONNECT, 0)
-                slot.done.set()
+                if slot.done is not None:
+                    slot.done.set()
         for t in self.transports:
             if t.sd.engine is not None:
                 t.sd.engine.fail_all()
-        self._space.set()
+        if self._space is not None:
+            self._space.set()
 
 
 class StorvscTransport:

@@ -235,15 +235,16 @@ class Ring:
         if len8 > 0xFFFF:
             raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
         total = len8 * 8 + _TRAILER.size
-        if self.bytes_to_write() <= total:
+        old_write, r = self._indices()
+        room = self.dsize - (old_write - r) if old_write >= r else r - old_write
+        if room <= total:
             return False, False
-        old_write, _ = self._indices()
         pad = len8 * 8 - offset8 * 8 - len(payload)
         data = (PACKET_DESCRIPTOR.pack(ptype, offset8, len8, flags, trans_id) + header + payload
                 + bytes(pad) + _TRAILER.pack(old_write << 32))
         new_write = self._copy_in(old_write, data)
-        self._set(WRITE_INDEX, new_write)
-        signal = self.interrupt_mask == 0 and old_write == self.read_index
+        self._hdr[0] = new_write
+        signal = self._hdr[2] == 0 and old_write == r
         return True, signal
 
     # -- consumer --------------------------------------------------------------------------
@@ -260,16 +261,26 @@ class Ring:
             return None
         if avail < PACKET_DESCRIPTOR.size + _TRAILER.size:
             raise RingError(f"{avail} bytes in ring: less than a packet")
-        ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
-            self._copy_out(pos, PACKET_DESCRIPTOR.size))
+        base = PAGE_SIZE + pos
+        if pos + PACKET_DESCRIPTOR.size <= self.dsize:      # no wrap: read it in place
+            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack_from(
+                self.view, base)
+        else:
+            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
+                self._copy_out(pos, PACKET_DESCRIPTOR.size))
         plen = len8 * 8
         if offset8 * 8 < PACKET_DESCRIPTOR.size or offset8 > len8 or plen + 8 > avail:
             raise RingError(f"bad packet at {pos}: offset8 {offset8}, len8 {len8}, "
                             f"{avail} bytes available")
-        body = self._copy_out(pos, plen)
         self.priv_read_index = (pos + plen + _TRAILER.size) % self.dsize
-        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:offset8 * 8],
-                      body[offset8 * 8:])
+        off = offset8 * 8
+        if pos + plen <= self.dsize:                        # one copy of each part
+            view = self.view
+            return Packet(ptype, flags, trans_id,
+                          bytes(view[base + PACKET_DESCRIPTOR.size:base + off]),
+                          bytes(view[base + off:base + plen]))
+        body = self._copy_out(pos, plen)
+        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:off], body[off:])
 
     def commit_read(self) -> bool:
         """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer

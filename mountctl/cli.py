@@ -487,6 +487,8 @@ def _status(args: argparse.Namespace) -> int:
                 "type": _vmbus_type(_read(entry / "class_id")),
                 "state": int(_read(entry / "state") or 0),
                 "driver": os.path.basename(os.readlink(drv)) if drv.is_symlink() else None,
+                # a SCSI controller's disks: hostN/targetN:C:T/N:C:T:L/block/sdX
+                "disks": sorted(p.name for p in entry.glob("host*/target*/*/block/*")),
             })
         devs.sort(key=lambda d: d["id"])  # type: ignore[arg-type, return-value]
         buses["vmbus"] = {"version": _read(ctl / "vmbus_version"), "devices": devs}

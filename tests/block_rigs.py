@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.storage.executor import ImageExecutor
+from backends.vmbus.storvsp import MAX_TRANSFER
 from tests.pci_rig import pci_machine
+from tests.storvsc_rig import DEVICE_DIR, storvsc_machine
 from tests.xen_rig import xen_machine
 from vbusfs.block.engine import Engine
 from vbusfs.block.gendisk import Disk
@@ -68,6 +70,30 @@ async def blkif_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
 
 
 @asynccontextmanager
+async def storvsc_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
+    """VMBus: storvsc on a synthetic SCSI controller's channel to storvsp, LUN 0. SCSI has
+    no barrier (ordered writes are single-stepped); flush is the write cache (WCE);
+    discard is UNMAP; the queue depth is the guest's ring size (storvsc_ringbuffer_size);
+    segments are the host's max transfer (sg_tablesize = max_transfer / 4 KiB + 1)."""
+    lun = {"lun": 0, "size": opts.size, "write_cache": opts.flush, "discard": opts.discard,
+           "sector_size": opts.sector_size}
+    # few segments: a 40 KiB maximum transfer (sg_tablesize 11, as blkif without indirect)
+    max_transfer = 10 * 4096 if opts.few_segments else MAX_TRANSFER
+    # a small pool: one biggest command's pages and one more
+    pool = max_transfer // 4096 + 1 if opts.small_pool else 1024
+    async with storvsc_machine(tmp, [lun], ring_bytes=8 * 1024 if opts.small_queue else
+                               128 * 1024, pool_pages=pool,
+                               max_transfer=max_transfer) as rig:
+        sd = rig.sd(0)
+        disk = rig.disk(0)
+        assert sd.engine is not None and rig.storvsp.luns[0].executor is not None
+        yield BlockRig("storvsc", sd.engine, disk, rig.images[0],
+                       rig.storvsp.luns[0].executor, rig.tree,
+                       f"{DEVICE_DIR}/host0/target0:0:0/0:0:0:0/block/{disk.name}/queue",
+                       frozenset({0, errno.EIO}))
+
+
+@asynccontextmanager
 async def virtio_blk_rig(tmp: Path, opts: Options) -> AsyncIterator[BlockRig]:
     """virtio over PCI: virtio-blk on a modern function, indirect descriptors and EVENT_IDX
     on (the queue depth is then the queue size)."""
@@ -89,7 +115,8 @@ def _disk_path(disk: Disk) -> str:
     return disk.dir.path().lstrip("/")
 
 
-#: every transport the contract suite runs against (storvsc joins here)
-RIGS: dict[str, RigFactory] = {"blkif": blkif_rig, "virtio-blk": virtio_blk_rig}
+#: every transport the contract suite runs against
+RIGS: dict[str, RigFactory] = {"blkif": blkif_rig, "storvsc": storvsc_rig,
+                               "virtio-blk": virtio_blk_rig}
 #: transports whose device can order writes with barriers
 BARRIER_TRANSPORTS = frozenset({"blkif"})

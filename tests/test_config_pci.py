@@ -110,3 +110,13 @@ def test_the_readmes_example_config_parses(tmp_path: Path) -> None:
     assert cfg.xen is not None and cfg.pci is not None
     (vda,) = cfg.pci.devices
     assert (vda.type, vda.slot, vda.size, vda.queue_size) == ("virtio-blk", 4, 512 << 20, 256)
+
+
+def test_a_lun_and_a_virtio_disk_cannot_share_an_image(tmp_path: Path) -> None:
+    text = ('[machine]\nname = "d"\nstate_dir = "st"\n'
+            '[[vmbus.device]]\ntype = "scsi"\n[[vmbus.device.lun]]\nimage = "shared.img"\n'
+            '[pci]\n' + dev("virtio-blk", image="shared.img"))
+    with pytest.raises(ConfigError) as exc:
+        load(write(tmp_path, text))
+    assert exc.value.key == "pci.device[0].image"
+    assert "also the image of vmbus.device[0].lun[0]" in str(exc.value)

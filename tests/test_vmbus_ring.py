@@ -77,6 +77,41 @@ def test_ring_never_becomes_exactly_full_and_wraps() -> None:
     assert sent == received == 50 * (dsize // 64 - 1)
 
 
+def test_packets_of_every_size_straddle_the_end_and_read_back() -> None:
+    """Packets of sizes that do not divide the ring, with and without a descriptor
+    extension, so that the descriptor, the extension, the payload and the trailer each land
+    across the end of the data area on some lap: every one reads back byte for byte, and
+    its trailer holds the write index it started at (§3.1)."""
+    mem, prod, cons = make()
+    sent: list[tuple[int, bytes, bytes]] = []
+    n = 0
+    straddled = 0
+    for size in [8 * k + j for k in range(40) for j in (0, 3)] * 6:
+        header = struct.pack("<IIII", 0, 1, size, n % 4096) if n % 3 == 0 else b""
+        payload = bytes((n + i) % 251 for i in range(size))
+        start = hdr(mem, 0)
+        ok, _ = prod.write(9 if header else 6, 1, n, payload, header)
+        if not ok:                                   # full: drain and go on
+            while (pkt := cons.read()) is not None:
+                t, h, p = sent.pop(0)
+                assert (pkt.trans_id, pkt.header, pkt.payload[:len(p)]) == (t, h, p)
+            cons.commit_read()
+            assert not sent
+            start = hdr(mem, 0)
+            ok, _ = prod.write(9 if header else 6, 1, n, payload, header)
+        assert ok
+        end = hdr(mem, 0)
+        straddled += end < start
+        trailer_at = PAGE_SIZE + (end - 8) % PAGE_SIZE
+        assert struct.unpack_from("<Q", mem, trailer_at)[0] == start << 32
+        sent.append((n, header, payload))
+        n += 1
+    while (pkt := cons.read()) is not None:
+        t, h, p = sent.pop(0)
+        assert (pkt.trans_id, pkt.header, pkt.payload[:len(p)]) == (t, h, p)
+    assert not sent and straddled >= 20
+
+
 @pytest.mark.parametrize(("w", "r"), [(PAGE_SIZE, 0), (0, PAGE_SIZE + 8), (4, 0), (0, 12)])
 def test_impossible_indices_rejected(w: int, r: int) -> None:
     mem, _, cons = make()

@@ -15,6 +15,7 @@ from typing import Protocol
 import trio
 
 from vbusfs.platform.doorbell import Doorbell
+from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.vmbus.ring_endpoint import RingEndpoint
 from vbusfs.protocols.vmbus import messages as m
 from vbusfs.protocols.vmbus.ring import Packet
@@ -28,7 +29,10 @@ CONNECTION_ID_BASE = 0x10000
 
 class DeviceModel(Protocol):
     """A host-side device: ``run`` is started when the guest opens the channel and
-    cancelled when it closes it."""
+    cancelled when it closes it. A model with a true ``reads_ring_directly`` attribute
+    drains the inbound ring itself, from its doorbell handler (see
+    :meth:`~vbusfs.platform.vmbus.ring_endpoint.RingEndpoint.poll`); the others receive
+    what the server's pump task drained (:meth:`HostChannel.receive`)."""
 
     async def run(self, chan: HostChannel) -> None: ...
 
@@ -59,6 +63,10 @@ class HostChannel:
         self.endpoint: RingEndpoint | None = None
         self.target_vp = 0
         self.gpadl_in_use: int | None = None
+        #: while open: guest memory, and the guest frames of the ring GPADL (which no data
+        #: transfer may name)
+        self.memory: GuestMemory | None = None
+        self.ring_pfns: range = range(0)
         self._cancel: trio.CancelScope | None = None
         self.opened = 0   # how many times the guest opened it
 

@@ -270,6 +270,8 @@ class VmbusHost:
             except (MemoryError_, RingError) as e:
                 problem = str(e)
             else:
+                chan.memory = self.memory
+                chan.ring_pfns = range(g.pfns[0], g.pfns[0] + g.total_pfns)
                 self._start(chan, guest_out, guest_in, g.handle, req.target_vp)
         if problem is not None:
             log.warning("vmbus host: OPENCHANNEL relid %d refused: %s", req.child_relid, problem)
@@ -293,7 +295,8 @@ class VmbusHost:
             chan._cancel = scope
             async with trio.open_nursery() as nursery:
                 assert chan.endpoint is not None
-                nursery.start_soon(chan.endpoint.run)
+                if not getattr(chan.spec.model, "reads_ring_directly", False):
+                    nursery.start_soon(chan.endpoint.run)
                 try:
                     await chan.spec.model.run(chan)
                 except Exception as e:  # a device model bug must not take the bus down
@@ -307,6 +310,7 @@ class VmbusHost:
         self.synic.event_connections.pop(chan.connection_id, None)
         chan.endpoint = None
         chan.gpadl_in_use = None
+        chan.ring_pfns = range(0)
 
     async def _on_close(self, buf: bytes) -> None:
         req = m.CloseChannel.unpack(buf)

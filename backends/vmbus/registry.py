@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from backends.vmbus.channel import ChannelSpec, DeviceModel
 from backends.vmbus.devices import IdleDevice
 from backends.vmbus.ic import IC_SERVICES, IcHostSettings, make_ic
+from backends.vmbus.storvsp import Storvsp
 from vbusfs.config.vmbus import VmbusDeviceConfig
 from vbusfs.protocols.vmbus import messages as m
 
@@ -19,14 +20,19 @@ _PIPE_FLAGS = 0x1 | 0x10
 _PIPE_MODE_MESSAGE = (4).to_bytes(4, "little")
 
 
-def _ic(service: str) -> Callable[[IcHostSettings], DeviceModel]:
-    return lambda settings: make_ic(service, settings)
+#: a device model made from its device's config and the integration services' settings
+ModelFactory = Callable[[VmbusDeviceConfig, IcHostSettings], DeviceModel]
 
 
-VMBUS_MODELS: dict[str, Callable[[IcHostSettings], DeviceModel]] = {
+def _ic(service: str) -> ModelFactory:
+    return lambda _dev, settings: make_ic(service, settings)
+
+
+VMBUS_MODELS: dict[str, ModelFactory] = {
     **{service: _ic(service) for service in IC_SERVICES},
-    **{c.type: (lambda _settings: IdleDevice()) for c in m.DEVICE_CLASSES
+    **{c.type: (lambda _dev, _settings: IdleDevice()) for c in m.DEVICE_CLASSES
        if c.type not in IC_SERVICES},
+    "scsi": lambda dev, _settings: Storvsp.from_config(dev),
 }
 
 
@@ -42,7 +48,7 @@ def vmbus_channel_specs(devices: Sequence[VmbusDeviceConfig],
         is_ic = dev.type in IC_SERVICES
         specs.append(ChannelSpec(
             name=dev.key, if_type=cls.guid, if_instance=dev.instance,
-            model=VMBUS_MODELS[dev.type](settings), monitor=dev.monitor,
+            model=VMBUS_MODELS[dev.type](dev, settings), monitor=dev.monitor,
             chn_flags=_PIPE_FLAGS if is_ic else 0,
             user_defined=_PIPE_MODE_MESSAGE if is_ic else b""))
     return specs

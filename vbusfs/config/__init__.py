@@ -30,7 +30,9 @@ from vbusfs.config.vmbus import (
     VMBUS,
     VMBUS_DEVICE,
     VMBUS_IC,
+    VMBUS_LUN,
     IcConfig,
+    ScsiLunConfig,
     VmbusConfig,
     VmbusDeviceConfig,
     parse_vmbus,
@@ -38,9 +40,9 @@ from vbusfs.config.vmbus import (
 from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, parse_xen
 
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
-           "IcConfig", "XenConfig", "VbdConfig", "VBD_FEATURES", "load", "load_default", "parse",
-           "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS", "reference",
-           "PciConfig", "PciDeviceConfig"]
+           "IcConfig", "ScsiLunConfig", "XenConfig", "VbdConfig", "VBD_FEATURES", "load",
+           "load_default", "parse", "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS",
+           "reference", "PciConfig", "PciDeviceConfig"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Config:
 
 
 #: every section, in the order the reference lists them
-SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_IC, XEN, VBD, PCI, PCI_DEVICE)
+SECTIONS = (MACHINE, VMBUS, VMBUS_DEVICE, VMBUS_LUN, VMBUS_IC, XEN, VBD, PCI, PCI_DEVICE)
 
 
 def _shown(key: Key) -> str:
@@ -94,13 +96,15 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     vmbus = parse_vmbus(doc.get("vmbus", {}), machine)
     xen = parse_xen(doc["xen"], machine) if "xen" in doc else None
     pci = parse_pci(doc["pci"], machine) if "pci" in doc else None
-    _one_disk_per_image(xen, pci)
+    _one_disk_per_image(vmbus, xen, pci)
     return Config(machine, vmbus, source, xen, pci)
 
 
-def _one_disk_per_image(xen: XenConfig | None, pci: PciConfig | None) -> None:
+def _one_disk_per_image(vmbus: VmbusConfig, xen: XenConfig | None,
+                        pci: PciConfig | None) -> None:
     """Each bus checks its own disks; an image is also never two buses' disk at once."""
-    disks = [(v.image, v.key) for v in (xen.vbds if xen else ())]
+    disks = [(lun.image, lun.key) for dev in vmbus.devices for lun in dev.luns]
+    disks += [(v.image, v.key) for v in (xen.vbds if xen else ())]
     disks += [(d.image, d.key) for d in (pci.devices if pci else ()) if d.image is not None]
     owner: dict[Path, str] = {}
     for image, key in disks:
@@ -127,7 +131,9 @@ def load(path: str | os.PathLike[str]) -> Config:
 #: virtio-balloon, so all three buses and their block paths are there out of the box (images
 #: sparse in the state directory). The integration services and the first SCSI controller
 #: use the instance GUIDs Hyper-V/Azure use (reference/hv-services.md §2.7, reference/sysfs.md
-#: §1.5), so tools find them.
+#: §1.5), so tools find them; that controller carries an OS disk at LUN 0 and a resource disk
+#: at LUN 1, where a cloud agent looks for them on a Gen2 Azure guest (reference/sysfs.md
+#: §5.4–5.5).
 DEFAULT_CONFIG = """\
 [machine]
 name = "hyperv-gen2"
@@ -179,6 +185,14 @@ type = "nic"
 [[vmbus.device]]
 type = "scsi"
 instance = "f8b3781a-1e82-4818-a1c3-63d806ec15bb"
+
+[[vmbus.device.lun]]
+lun = 0
+size = "1G"
+
+[[vmbus.device.lun]]
+lun = 1
+size = "512M"
 
 [xen]
 domid = 1

@@ -1,4 +1,5 @@
-"""The ``[vmbus]`` section: the Hyper-V host's protocol version, the devices it offers, and
+"""The ``[vmbus]`` section: the Hyper-V host's protocol version, the devices it offers, the
+disks (LUNs) behind each synthetic SCSI controller (reference/hv-services.md §4), and
 ``[vmbus.ic]``: how the integration services behave (reference/hv-services.md §2): what the
 service does when the guest accepts a power request, whether the guest can hibernate, the
 host's heartbeat and time-sample cadence and clock skew, and the KVP items the host pushes."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vbusfs.config.common import (
@@ -17,14 +19,42 @@ from vbusfs.config.common import (
     Section,
     convert,
     derive_guid,
+    parse_size,
     section,
 )
 from vbusfs.protocols.guid import parse_guid
 from vbusfs.protocols.vmbus import messages as m
 
-__all__ = ["VmbusConfig", "VmbusDeviceConfig", "IcConfig", "VMBUS", "VMBUS_DEVICE", "VMBUS_IC",
-           "parse_vmbus", "POWER_REACTIONS", "KVP_MAX_KEY_UNITS", "KVP_MAX_VALUE_UNITS",
-           "MAX_SKEW_S"]
+__all__ = ["VmbusConfig", "VmbusDeviceConfig", "ScsiLunConfig", "IcConfig", "VMBUS",
+           "VMBUS_DEVICE", "VMBUS_LUN", "VMBUS_IC", "parse_vmbus", "POWER_REACTIONS",
+           "KVP_MAX_KEY_UNITS", "KVP_MAX_VALUE_UNITS", "MAX_SKEW_S", "SCSI_SECTOR_SIZES",
+           "MAX_LUN"]
+
+#: logical block sizes a LUN may have (what Linux's sd accepts)
+SCSI_SECTOR_SIZES = (512, 1024, 2048, 4096)
+#: LUNs 0..254: storvsc's max_lun is STORVSC_MAX_LUNS_PER_TARGET (255), the scan's bound
+MAX_LUN = 254
+
+
+@dataclass(frozen=True)
+class ScsiLunConfig:
+    """One disk behind a synthetic SCSI controller: what storvsp serves at path 0, target 0,
+    ``lun`` (reference/hv-services.md §4.8)."""
+
+    lun: int
+    image: Path
+    size: int
+    readonly: bool
+    sector_size: int
+    serial: str               # "" = no VPD page 0x80
+    vendor: str
+    model: str
+    rotational: bool
+    discard: bool
+    write_cache: bool
+    disk_id: uuid.UUID        # the GUID in VPD page 0x83 (derived, stable across runs)
+    key: str
+
 
 #: what the service may do when the guest accepts a power request
 POWER_REACTIONS = ("unmount", "log")
@@ -42,6 +72,7 @@ class VmbusDeviceConfig:
     instance: uuid.UUID
     monitor: bool
     key: str          # where it came from, e.g. "vmbus.device[3]"
+    luns: tuple[ScsiLunConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -84,7 +115,93 @@ VMBUS_DEVICE = Section("vmbus.device", "`[[vmbus.device]]`", "", {
     "monitor": Key(bool, "true or false", None, "boolean",
                    "whether the host allocates a monitor id (storage and network types by "
                    "default)", "per type"),
+    "lun": Key(list, "an array of tables", [], "array of tables",
+               "`scsi` only: the disks behind the controller (below)"),
 }, outro="Two devices with the same instance GUID are an error.")
+VMBUS_LUN = Section("vmbus.device.lun", "`[[vmbus.device.lun]]`",
+                    "A disk behind a `scsi` controller, served by storvsp at path 0, target 0 "
+                    "and answering\nas Hyper-V does (reference/hv-services.md §4.8). In the "
+                    "guest it is `sdX` under\n`host<N>/target<N>:0:0/<N>:0:0:<lun>/`.", {
+    "lun": Key(int, "a LUN number", None, "integer 0–254",
+               "the LUN; two disks of one controller cannot share it", "its position"),
+    "image": Key(str, "an image path", None, "path",
+                 "the image, relative to `state_dir`; created sparse at `size` when it does "
+                 "not exist; locked while mounted (K: the controller's number among the "
+                 "`scsi` devices)", "`scsi<K>-lun<L>.img`"),
+    "size": Key((str, int), "a size", "1G", "size",
+                "the size of a new image (K/M/G/T); a multiple of `sector_size`. An existing "
+                "image keeps its size."),
+    "readonly": Key(bool, "true or false", False, "boolean",
+                    "write-protected (MODE SENSE WP bit; writes get DATA PROTECT); needs an "
+                    "existing image"),
+    "sector_size": Key(int, "512, 1024, 2048 or 4096", 512, "integer",
+                       "logical block size (READ CAPACITY)"),
+    "serial": Key(str, "a serial number", None, "string",
+                  "unit serial number, VPD page 0x80 (printable ASCII, at most 255 bytes); "
+                  "`\"\"` = no page 0x80; when absent: 32 hex digits of blake3 of the "
+                  "machine name and the disk's place", "derived"),
+    "vendor": Key(str, "a vendor id", "Msft", "string",
+                  "INQUIRY vendor (at most 8 printable ASCII characters)"),
+    "model": Key(str, "a product id", "Virtual Disk", "string",
+                 "INQUIRY product (at most 16 printable ASCII characters)"),
+    "rotational": Key(bool, "true or false", False, "boolean",
+                      "a spinning disk: VPD page 0xB1 rotation rate 7200 instead of 1 "
+                      "(non-rotating). Hyper-V offers that page only with `discard`; "
+                      "without it Linux takes every disk for a rotating one"),
+    "discard": Key(bool, "true or false", True, "boolean",
+                   "thin provisioned: UNMAP and WRITE SAME(16) with UNMAP, VPD pages "
+                   "0xB0/0xB1/0xB2 and READ CAPACITY(16) LBPME"),
+    "write_cache": Key(bool, "true or false", True, "boolean",
+                       "MODE SENSE caching page WCE: with it the guest flushes with "
+                       "SYNCHRONIZE CACHE; without it the image is opened `O_DSYNC` and the "
+                       "queue says `write through`"),
+}, outro="Two LUNs with the same image (or a LUN and another bus's disk) are an error.")
+
+
+def _ascii(key: str, text: str, limit: int) -> str:
+    if len(text.encode()) > limit or any(not 0x20 <= ord(c) < 0x7F for c in text):
+        raise ConfigError(key, f"{text!r} is not at most {limit} printable ASCII characters")
+    return text
+
+
+def _parse_luns(key: str, raw: list[Any], machine: MachineConfig, ordinal: int,
+                images: dict[Path, str]) -> tuple[ScsiLunConfig, ...]:
+    """A controller's ``[[vmbus.device.lun]]`` tables; ``images`` holds the LUN images seen so
+    far (two LUNs, of any controllers, never share one)."""
+    luns: list[ScsiLunConfig] = []
+    seen: dict[int, str] = {}
+    for j, rawl in enumerate(raw):
+        lkey = f"{key}.lun[{j}]"
+        v = section(lkey, rawl, VMBUS_LUN)
+        lun = j if v["lun"] is None else v["lun"]
+        if not 0 <= lun <= MAX_LUN:
+            raise ConfigError(f"{lkey}.lun", f"{lun} is not a LUN between 0 and {MAX_LUN}")
+        if lun in seen:
+            raise ConfigError(f"{lkey}.lun", f"LUN {lun} is also {seen[lun]}")
+        seen[lun] = lkey
+        image = Path(v["image"] or f"scsi{ordinal}-lun{lun}.img")
+        if not image.is_absolute():
+            image = machine.state_dir / image
+        if image in images:
+            raise ConfigError(f"{lkey}.image", f"{image} is also the image of {images[image]}")
+        images[image] = lkey
+        if v["sector_size"] not in SCSI_SECTOR_SIZES:
+            raise ConfigError(f"{lkey}.sector_size", f"{v['sector_size']} is not 512, 1024, "
+                              "2048 or 4096")
+        size = convert(f"{lkey}.size", parse_size, v["size"])
+        if size <= 0 or size % v["sector_size"]:
+            raise ConfigError(f"{lkey}.size", f"{size} is not a positive multiple of the "
+                              f"{v['sector_size']}-byte sector size")
+        place = (machine.name, "vmbus", "scsi", str(ordinal), "lun", str(lun))
+        serial = derive_guid(*place, "serial").hex if v["serial"] is None else \
+            _ascii(f"{lkey}.serial", v["serial"], 255)
+        luns.append(ScsiLunConfig(
+            lun, image, size, v["readonly"], v["sector_size"], serial,
+            _ascii(f"{lkey}.vendor", v["vendor"], 8), _ascii(f"{lkey}.model", v["model"], 16),
+            v["rotational"], v["discard"], v["write_cache"], derive_guid(*place), lkey))
+    return tuple(sorted(luns, key=lambda c: c.lun))
+
+
 VMBUS_IC = Section("vmbus.ic", "`[vmbus.ic]`", "How the integration services behave "
                    "(reference/hv-services.md §2). Each applies when the machine has that "
                    "device.", {
@@ -168,8 +285,10 @@ def parse_ic(raw: Any, machine: MachineConfig) -> IcConfig:
 
 
 def parse_vmbus(raw: Any, machine: MachineConfig) -> VmbusConfig:
-    """``[vmbus]``, its ``[[vmbus.device]]`` tables and ``[vmbus.ic]``."""
+    """``[vmbus]``, its ``[[vmbus.device]]`` tables with their ``[[vmbus.device.lun]]``
+    tables, and ``[vmbus.ic]``."""
     name = machine.name
+    images: dict[Path, str] = {}
     vm = section("vmbus", raw, VMBUS)
     version = convert("vmbus.version", m.Version.parse, vm["version"])
     if version < m.Version.WIN8:
@@ -196,7 +315,13 @@ def parse_vmbus(raw: Any, machine: MachineConfig) -> VmbusConfig:
                               f"{seen[instance]}")
         seen[instance] = key
         monitor = cls.perf_device if dev["monitor"] is None else dev["monitor"]
-        devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key))
+        luns: tuple[ScsiLunConfig, ...] = ()
+        if dev["lun"]:
+            if cls.type != "scsi":
+                raise ConfigError(f"{key}.lun", f"only scsi controllers have LUNs, not "
+                                  f"{cls.type}")
+            luns = _parse_luns(key, dev["lun"], machine, n, images)
+        devices.append(VmbusDeviceConfig(cls.type, instance, monitor, key, luns))
     if len(devices) > 128 and sum(d.monitor for d in devices) > 128:
         raise ConfigError("vmbus.device", "more than 128 monitored channels")
     return VmbusConfig(version, tuple(devices), parse_ic(vm["ic"], machine))

@@ -19,6 +19,7 @@ import trio
 
 from vbusfs import CONTROL_DIR, __version__
 from vbusfs.config import Config
+from vbusfs.drivers.scsi.host import ScsiBus
 from vbusfs.machine.pci import PciMachine
 from vbusfs.machine.vmbus import VmbusMachine
 from vbusfs.machine.xen import XenMachine
@@ -44,10 +45,14 @@ class Machine:
         self.control = self.tree.root.mkdir(CONTROL_DIR)
         self._request_stop: Callable[[], None] | None = None
         self._stop_pending = False
-        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
-                                  self.control, self._on_power)
+        # MNT/.vbusfs/block/<disk>/: there when the machine has disks
+        has_luns = any(d.luns for d in config.vmbus.devices)
         block_control = self.control.mkdir("block") \
-            if config.xen is not None or config.pci is not None else None
+            if config.xen is not None or config.pci is not None or has_luns else None
+        #: the guest's SCSI midlayer (/sys/bus/scsi, sd): any bus's SCSI hosts join it
+        self.scsi = ScsiBus(self.tree, self.memory, block_control)
+        self.vmbus = VmbusMachine(config.vmbus, config.machine, self.memory, self.tree,
+                                  self.control, self._on_power, self.scsi)
         self.xen: XenMachine | None = None
         if config.xen is not None:
             self.xen = XenMachine(config.xen, config.machine, self.memory, self.tree,

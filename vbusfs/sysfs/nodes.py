@@ -195,14 +195,18 @@ class Attribute(Node):
 
 
 class BinAttribute(Node):
-    """A binary attribute with a real size that honours offsets (e.g. PCI ``config``)."""
+    """A binary attribute with a real size that honours offsets (e.g. PCI ``config``).
+    ``stat_size`` is what ``stat`` reports when it differs from the readable ``length``:
+    Linux declares some binary attributes with size 0 (SCSI ``inquiry``, ``vpd_pg83``)
+    and reads still return their bytes."""
 
-    __slots__ = ("length", "reader", "writer", "perm", "public_length")
+    __slots__ = ("length", "reader", "writer", "perm", "public_length", "stat_size")
     kind = stat.S_IFREG
 
     def __init__(self, name: str, length: int, reader: Callable[[int, int], bytes] | None,
                  writer: Callable[[int, bytes], int] | None = None,
-                 perm: int | None = None, public_length: int | None = None) -> None:
+                 perm: int | None = None, public_length: int | None = None,
+                 stat_size: int | None = None) -> None:
         super().__init__(name)
         self.length = length
         self.reader = reader
@@ -213,13 +217,14 @@ class BinAttribute(Node):
         if perm is None:
             perm = (0o444 if reader else 0) | (0o200 if writer else 0)
         self.perm = perm
+        self.stat_size = stat_size
 
     @property
     def mode(self) -> int:
         return stat.S_IFREG | self.perm
 
     def size(self) -> int:
-        return self.length
+        return self.length if self.stat_size is None else self.stat_size
 
 
 class DataFile(Node):

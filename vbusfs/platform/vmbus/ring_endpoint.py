@@ -5,6 +5,11 @@ same two rings in guest memory, seen from opposite ends. A pump task waits on th
 doorbell, drains the inbound ring (publishing the read index and signalling the writer when
 ``pending_send_sz`` says it was blocked), and wakes any sender waiting for space. The
 counters are the ones Linux shows under ``channels/<relid>/``.
+
+A side whose protocol is driven straight from the doorbell (storvsc and storvsp, like an
+interrupt handler) does not run the pump: its handler calls :meth:`RingEndpoint.poll` to
+drain the inbound ring and :meth:`RingEndpoint.try_write` / :meth:`RingEndpoint.flush_signal`
+to answer, all synchronously, with the same ring and signalling rules.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class RingEndpoint:
         self._space = trio.Event()
         self._rx_send, self._rx_recv = trio.open_memory_channel[Packet](backlog)
         self.broken: str | None = None
+        self._signal_owed = False          # try_write wrote into an empty ring
         # Linux channel counters (vmbus_drv.c channel attributes)
         self.signals_sent = 0      # "events"
         self.intr_in_full = 0
@@ -74,6 +80,80 @@ class RingEndpoint:
             self.rx.interrupt_mask = 0      # hv_end_read: re-check for a racing write
             if self.rx.bytes_to_read() == 0:
                 return
+
+    # -- driven from the doorbell ---------------------------------------------------------------
+    def poll(self) -> list[Packet]:
+        """Drain the inbound ring now (what :meth:`run` does on each wake-up): every packet
+        in it, the read index published, the writer signalled if it was blocked on space.
+        Raises :class:`ChannelBroken` when the peer corrupted the ring."""
+        if self.broken:
+            raise ChannelBroken(self.broken)
+        out: list[Packet] = []
+        try:
+            while True:
+                self.rx.interrupt_mask = 1
+                while (pkt := self.rx.read()) is not None:
+                    out.append(pkt)
+                if self.rx.commit_read():
+                    self.intr_in_full += 1
+                    self.signal()
+                self.rx.interrupt_mask = 0
+                if self.rx.bytes_to_read() == 0:
+                    return out
+        except RingError as e:
+            self.broken = str(e)
+            log.error("%s: ring protocol violation, channel stopped: %s", self.name, e)
+            raise ChannelBroken(self.broken) from None
+
+    def packet_space(self, header_len: int, payload_len: int) -> int:
+        """Ring bytes a packet takes (descriptor, header, padded payload, trailer)."""
+        return (16 + header_len + payload_len + 7) // 8 * 8 + 8
+
+    def can_write(self, nbytes: int) -> bool:
+        """Whether a packet taking ``nbytes`` of ring fits now (the writer needs strictly
+        more room than it writes). When it does not, ``pending_send_sz`` asks the reader to
+        signal once that much is free."""
+        try:
+            if self.tx.bytes_to_write() > nbytes:
+                return True
+        except RingError as e:
+            self.broken = str(e)
+            return False
+        self.out_full_total += 1
+        if not self.tx.out_full_flag:
+            self.out_full_first += 1
+            self.tx.out_full_flag = True
+        self.tx.pending_send_sz = nbytes
+        return False
+
+    def try_write(self, ptype: int, flags: int, trans_id: int, payload: bytes,
+                  header: bytes = b"") -> bool:
+        """Write one packet if it fits, without waiting and without signalling yet (call
+        :meth:`flush_signal` after a batch); False when the ring is full, with
+        ``pending_send_sz`` set so the reader signals when it has made room."""
+        if self.broken:
+            raise ChannelBroken(self.broken)
+        try:
+            written, signal = self.tx.write(ptype, flags, trans_id, payload, header)
+        except RingError as e:
+            self.broken = str(e)
+            raise ChannelBroken(str(e)) from None
+        if not written:
+            self.can_write(self.packet_space(len(header), len(payload)))
+            return False
+        if self.tx.out_full_flag or self.tx.pending_send_sz:
+            self.tx.out_full_flag = False
+            self.tx.pending_send_sz = 0
+        if signal:
+            self.intr_out_empty += 1
+            self._signal_owed = True
+        return True
+
+    def flush_signal(self) -> None:
+        """Signal the peer once for what :meth:`try_write` put in an empty ring."""
+        if self._signal_owed:
+            self._signal_owed = False
+            self.signal()
 
     async def receive(self) -> list[Packet]:
         """At least one packet (waiting for it), plus whatever else is already queued."""

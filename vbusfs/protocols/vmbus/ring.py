@@ -4,6 +4,10 @@ One ring per direction: a 4 KiB header page (``write_index`` @0, ``read_index`` 
 ``interrupt_mask`` @8, ``pending_send_sz`` @12, ``feature_bits`` @64) followed by the data
 area. Packets are a 16-byte ``vmpacket_descriptor``, the payload padded to 8 bytes, and an
 8-byte trailer holding the writer's previous start index (reference/protocols.md §3.1–3.2).
+A GPA-direct packet (``VM_PKT_DATA_USING_GPA_DIRECT``) carries, between the descriptor and
+its payload, page ranges of guest memory (``struct vmbus_packet_mpb_array``: reserved u32,
+rangecount u32, then per range {len u32, offset u32, pfn u64 × ⌈(offset+len)/4096⌉}):
+:func:`pack_gpa_direct` / :func:`parse_gpa_direct`.
 
 The functions here operate on a shared ``memoryview`` and treat every index found in it as
 untrusted: a ring whose indices or packet lengths are impossible raises :class:`RingError`
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "PAGE_SIZE", "RingError", "PacketType", "PACKET_DESCRIPTOR", "COMPLETION_REQUESTED",
-    "Packet", "Ring", "init_ring",
+    "Packet", "Ring", "init_ring", "GpaRange", "pack_gpa_direct", "pack_gpa_direct_one",
+    "parse_gpa_direct",
 ]
 
 PAGE_SIZE = 4096
@@ -60,6 +66,64 @@ class Packet:
     payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
 
 
+@dataclass(frozen=True)
+class GpaRange:
+    """One ``vmbus_multipage_buffer``: ``length`` bytes starting ``offset`` bytes into the
+    first of ``pfns`` (4 KiB guest frames, one per page the bytes touch)."""
+
+    length: int
+    offset: int
+    pfns: tuple[int, ...]
+
+
+_GPA_HEAD = struct.Struct("<II")      # reserved, rangecount
+_GPA_RANGE = struct.Struct("<II")     # len, offset
+_GPA_ONE = struct.Struct("<IIII")     # the head and one range
+
+
+def pack_gpa_direct(ranges: list[GpaRange]) -> bytes:
+    """The descriptor extension of a GPA-direct packet (what follows the 16-byte
+    ``vmpacket_descriptor``; ``offset8`` covers it)."""
+    out = [_GPA_HEAD.pack(0, len(ranges))]
+    for r in ranges:
+        out.append(_GPA_RANGE.pack(r.length, r.offset))
+        out.append(struct.pack(f"<{len(r.pfns)}Q", *r.pfns))
+    return b"".join(out)
+
+
+def pack_gpa_direct_one(length: int, offset: int, pfns: Sequence[int]) -> bytes:
+    """:func:`pack_gpa_direct` for the common case of one range, without building it (the
+    per-request path of a disk)."""
+    return _GPA_ONE.pack(0, 1, length, offset) + struct.pack(f"<{len(pfns)}Q", *pfns)
+
+
+def parse_gpa_direct(header: bytes) -> list[GpaRange]:
+    """The ranges of a GPA-direct packet's descriptor extension. Raises ValueError when the
+    extension is not exactly the ranges it announces (a range count that runs past it, an
+    offset past the first page, bytes left over): untrusted input, checked before use."""
+    if len(header) < _GPA_HEAD.size:
+        raise ValueError(f"GPA-direct descriptor of {len(header)} bytes: no range count")
+    _reserved, count = _GPA_HEAD.unpack_from(header)
+    at = _GPA_HEAD.size
+    out: list[GpaRange] = []
+    for i in range(count):
+        if at + _GPA_RANGE.size > len(header):
+            raise ValueError(f"GPA range {i} of {count} lies past the descriptor")
+        length, offset = _GPA_RANGE.unpack_from(header, at)
+        at += _GPA_RANGE.size
+        if offset >= PAGE_SIZE:
+            raise ValueError(f"GPA range {i}: offset {offset} is past its first page")
+        npfn = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+        if at + 8 * npfn > len(header):
+            raise ValueError(f"GPA range {i}: {npfn} PFNs run past the descriptor")
+        out.append(GpaRange(length, offset, struct.unpack_from(f"<{npfn}Q", header, at)))
+        at += 8 * npfn
+    if at != len(header):
+        raise ValueError(f"GPA-direct descriptor has {len(header) - at} bytes past its "
+                         f"{count} ranges")
+    return out
+
+
 def init_ring(view: memoryview) -> None:
     """What the guest does before creating the GPADL: zero the header, set feat_pending_send_sz."""
     view[:PAGE_SIZE] = bytes(PAGE_SIZE)
@@ -74,7 +138,7 @@ class Ring:
     both halves of an emulation each hold their own ``Ring`` over the same memory.
     """
 
-    __slots__ = ("view", "dsize", "priv_read_index", "_batch_start", "out_full_flag")
+    __slots__ = ("view", "dsize", "priv_read_index", "_batch_start", "out_full_flag", "_hdr")
 
     def __init__(self, view: memoryview) -> None:
         if len(view) < 2 * PAGE_SIZE or len(view) % PAGE_SIZE:
@@ -84,44 +148,46 @@ class Ring:
         self.priv_read_index: int | None = None
         self._batch_start = 0
         self.out_full_flag = False
+        # the header's u32 fields as one native view (little-endian hosts only, as the
+        # wire format): each access is an index, not a struct call (the fields are read
+        # a dozen times per packet)
+        self._hdr = view[:FEATURE_BITS + 4].cast("I")
 
     # -- header fields -------------------------------------------------------------------
-    def _get(self, off: int) -> int:
-        return int(_U32.unpack_from(self.view, off)[0])
-
-    def _set(self, off: int, value: int) -> None:
-        _U32.pack_into(self.view, off, value)
-
     @property
     def write_index(self) -> int:
-        return self._get(WRITE_INDEX)
+        return int(self._hdr[0])
 
     @property
     def read_index(self) -> int:
-        return self._get(READ_INDEX)
+        return int(self._hdr[1])
 
     @property
     def interrupt_mask(self) -> int:
-        return self._get(INTERRUPT_MASK)
+        return int(self._hdr[2])
 
     @interrupt_mask.setter
     def interrupt_mask(self, value: int) -> None:
-        self._set(INTERRUPT_MASK, value)
+        self._hdr[2] = value
 
     @property
     def pending_send_sz(self) -> int:
-        return self._get(PENDING_SEND_SZ)
+        return int(self._hdr[3])
 
     @pending_send_sz.setter
     def pending_send_sz(self, value: int) -> None:
-        self._set(PENDING_SEND_SZ, value)
+        self._hdr[3] = value
 
     @property
     def feature_bits(self) -> int:
-        return self._get(FEATURE_BITS)
+        return int(self._hdr[FEATURE_BITS // 4])
+
+    def _set(self, off: int, value: int) -> None:
+        self._hdr[off // 4] = value
 
     def _indices(self) -> tuple[int, int]:
-        w, r = self.write_index, self.read_index
+        hdr = self._hdr
+        w, r = int(hdr[0]), int(hdr[1])
         if w >= self.dsize or r >= self.dsize or w % 8 or r % 8:
             raise RingError(f"ring indices out of range: write {w}, read {r}, size {self.dsize}")
         return w, r
@@ -169,15 +235,16 @@ class Ring:
         if len8 > 0xFFFF:
             raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
         total = len8 * 8 + _TRAILER.size
-        if self.bytes_to_write() <= total:
+        old_write, r = self._indices()
+        room = self.dsize - (old_write - r) if old_write >= r else r - old_write
+        if room <= total:
             return False, False
-        old_write, _ = self._indices()
         pad = len8 * 8 - offset8 * 8 - len(payload)
         data = (PACKET_DESCRIPTOR.pack(ptype, offset8, len8, flags, trans_id) + header + payload
                 + bytes(pad) + _TRAILER.pack(old_write << 32))
         new_write = self._copy_in(old_write, data)
-        self._set(WRITE_INDEX, new_write)
-        signal = self.interrupt_mask == 0 and old_write == self.read_index
+        self._hdr[0] = new_write
+        signal = self._hdr[2] == 0 and old_write == r
         return True, signal
 
     # -- consumer --------------------------------------------------------------------------
@@ -194,16 +261,26 @@ class Ring:
             return None
         if avail < PACKET_DESCRIPTOR.size + _TRAILER.size:
             raise RingError(f"{avail} bytes in ring: less than a packet")
-        ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
-            self._copy_out(pos, PACKET_DESCRIPTOR.size))
+        base = PAGE_SIZE + pos
+        if pos + PACKET_DESCRIPTOR.size <= self.dsize:      # no wrap: read it in place
+            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack_from(
+                self.view, base)
+        else:
+            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
+                self._copy_out(pos, PACKET_DESCRIPTOR.size))
         plen = len8 * 8
         if offset8 * 8 < PACKET_DESCRIPTOR.size or offset8 > len8 or plen + 8 > avail:
             raise RingError(f"bad packet at {pos}: offset8 {offset8}, len8 {len8}, "
                             f"{avail} bytes available")
-        body = self._copy_out(pos, plen)
         self.priv_read_index = (pos + plen + _TRAILER.size) % self.dsize
-        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:offset8 * 8],
-                      body[offset8 * 8:])
+        off = offset8 * 8
+        if pos + plen <= self.dsize:                        # one copy of each part
+            view = self.view
+            return Packet(ptype, flags, trans_id,
+                          bytes(view[base + PACKET_DESCRIPTOR.size:base + off]),
+                          bytes(view[base + off:base + plen]))
+        body = self._copy_out(pos, plen)
+        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:off], body[off:])
 
     def commit_read(self) -> bool:
         """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer

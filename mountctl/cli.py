@@ -188,9 +188,12 @@ def _check_mountpoint(mnt: str) -> None:
 
 
 def _load_config(path: str | None) -> Config:
+    from mountctl.preflight import check_images
     from vbusfs.config import ConfigError, load, load_default
     try:
-        return load(path) if path else load_default()
+        config = load(path) if path else load_default()
+        check_images(config)
+        return config
     except ConfigError as e:
         raise Failure(path or "<embedded default>", str(e), EXIT_USAGE) from None
 
@@ -237,8 +240,9 @@ def _print_hello(mnt: str, name: str) -> None:
 
 
 def _up_daemon(args: argparse.Namespace, mnt: str, config: Config) -> int:
+    from backends.storage.files import make_state_dir
     state = Path(config.machine.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state)
     logpath = state / "vbusfs.log"
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "mountctl"] + (["--debug"] if args.debug else []) + [

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from backends.storage.files import make_state_dir
 from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
 from vbusfs.invalidate import EntryInvalidator
@@ -88,7 +89,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
 
 def serve(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount and run until stopped. Raises on failure before or after mounting."""
-    Path(machine.config.machine.state_dir).mkdir(parents=True, exist_ok=True)
+    make_state_dir(Path(machine.config.machine.state_dir))     # 0700: it holds the disks
     try:
         # One failing task (say, no VMBus version in common, or an image that cannot be
         # opened) is reported as itself, however deeply the nurseries nested it.

@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -152,8 +153,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dead_mount(mnt: str) -> Failure | None:
+    """A mount whose FUSE server is gone (killed, crashed) answers every access with
+    ENOTCONN ("Transport endpoint is not connected"): say so, and how to clear it."""
+    try:
+        os.stat(mnt)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            fstype = mount_fstype(mnt) or "FUSE"
+            what = "vbusfs" if fstype == FSTYPE else fstype
+            return Failure(mnt, f"is a dead {what} mount: its service is no longer running "
+                           "(transport endpoint is not connected)", EXIT_FAILURE,
+                           f"'mountctl down {mnt}' removes it" if fstype == FSTYPE else
+                           f"'umount -l {mnt}' removes it")
+    return None
+
+
 def _check_mountpoint(mnt: str) -> None:
     p = Path(mnt)
+    dead = _dead_mount(mnt)
+    if dead is not None:
+        dead.code = EXIT_USAGE                  # nothing was mounted: refused
+        raise dead
     if not p.exists():
         raise Failure(mnt, "does not exist", EXIT_USAGE, "create it with mkdir")
     if not p.is_dir():
@@ -167,9 +188,12 @@ def _check_mountpoint(mnt: str) -> None:
 
 
 def _load_config(path: str | None) -> Config:
+    from mountctl.preflight import check_images
     from vbusfs.config import ConfigError, load, load_default
     try:
-        return load(path) if path else load_default()
+        config = load(path) if path else load_default()
+        check_images(config)
+        return config
     except ConfigError as e:
         raise Failure(path or "<embedded default>", str(e), EXIT_USAGE) from None
 
@@ -188,7 +212,11 @@ def _up(args: argparse.Namespace) -> int:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
         else:
-            _print_hello(mnt, config.machine.name)
+            try:
+                _print_hello(mnt, config.machine.name)
+            except BrokenPipeError:
+                # whoever read the greeting is gone; the service carries on without stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
     try:
         machine = Machine(config)
@@ -212,8 +240,9 @@ def _print_hello(mnt: str, name: str) -> None:
 
 
 def _up_daemon(args: argparse.Namespace, mnt: str, config: Config) -> int:
+    from backends.storage.files import make_state_dir
     state = Path(config.machine.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state)
     logpath = state / "vbusfs.log"
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "mountctl"] + (["--debug"] if args.debug else []) + [
@@ -245,31 +274,52 @@ def _tail(path: Path, start: int, lines: int = 5) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _require_vbusfs(mnt: str) -> Path:
+def _require_vbusfs(mnt: str, *, alive: bool = True) -> Path:
     fstype = mount_fstype(mnt)
     if fstype is None:
         raise Failure(mnt, "not a mount point", EXIT_USAGE)
     if fstype != FSTYPE:
         raise Failure(mnt, f"not a vbusfs mount (it is {fstype})", EXIT_USAGE)
+    if alive:
+        dead = _dead_mount(mnt)
+        if dead is not None:
+            raise dead
     return Path(mnt) / CONTROL_DIR
 
 
 def _down(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
-    ctl = _require_vbusfs(mnt)
+    ctl = _require_vbusfs(mnt, alive=False)
+    if _dead_mount(mnt) is not None:
+        return _remove_dead_mount(mnt)
     try:
         pid = int((ctl / "pid").read_text())
         (ctl / "control").write_text("shutdown\n")
     except OSError as e:
-        # The service is gone but the mount is stale ("Transport endpoint is not connected").
-        subprocess.run(["fusermount3", "-u", "-z", mnt], check=False)
-        raise Failure(mnt, f"service not answering ({e.strerror}); lazily unmounted") from None
+        if e.errno == errno.ENOTCONN:               # it died just now
+            return _remove_dead_mount(mnt)
+        raise Failure(mnt, f"the service is not answering ({e.strerror})",
+                      hint=f"'umount -l {mnt}' detaches the mount; the service may still "
+                           "hold its images") from None
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if mount_fstype(mnt) != FSTYPE and not _alive(pid):
             return EXIT_OK
         time.sleep(0.05)
     raise Failure(mnt, f"service (pid {pid}) did not stop within 30 s")
+
+
+def _remove_dead_mount(mnt: str) -> int:
+    """The service is gone: nothing is left to stop or drain, only the mount to detach. A
+    lazy unmount (``MNT_DETACH``) succeeds even while a process still has a file of it open
+    (those accesses keep failing with ENOTCONN until closed)."""
+    out = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True,
+                         check=False)
+    if mount_fstype(mnt) == FSTYPE:
+        raise Failure(mnt, "the service is no longer running and the dead mount could not be "
+                      "removed: " + (out.stderr.strip() or f"fusermount3 exit {out.returncode}"))
+    print(f"vbusfs: {mnt}: the service had already stopped; its dead mount is removed")
+    return EXIT_OK
 
 
 def _discard(args: argparse.Namespace) -> int:
@@ -580,6 +630,27 @@ def _vmbus_type(class_id: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()             # buffered output meets a closed pipe here, not at exit
+    except BrokenPipeError:
+        _die_of_sigpipe()
+    return code
+
+
+def _die_of_sigpipe() -> None:
+    """The reader of our output went away (``mountctl status MNT | head -1``): end as C
+    tools do when they write to a closed pipe, killed by SIGPIPE without a word (the shell
+    reports 141). Python ignores SIGPIPE, so the write raised instead; restore the default
+    action and take the signal."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())      # nothing left to flush at exit either
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    raise SystemExit(128 + signal.SIGPIPE)     # not reached
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -604,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:
+        raise
     except Exception as e:
         if debug:
             raise

@@ -67,7 +67,8 @@ async def test_data_file_truncate_and_limits() -> None:
     attr = pyfuse3.EntryAttributes()
     # what the kernel sends for truncate(2) (pyfuse3's SetattrFields is read-only)
     fields = SimpleNamespace(update_size=True, update_mode=False, update_uid=False,
-                             update_gid=False)
+                             update_gid=False, update_atime=False, update_mtime=False,
+                             update_ctime=False)
     attr.st_size = 1
     await fs.setattr(a.st_ino, attr, fields, None, CTX)  # type: ignore[arg-type]
     assert bytes(f.data) == b"a"

@@ -135,3 +135,19 @@ async def test_binary_attributes_honour_offsets_and_the_public_length() -> None:
     assert await fs.read(user.fh, 0, 4096) == data[:64]
     assert await fs.read(user.fh, 60, 16) == data[60:64]
     assert await fs.read(user.fh, 64, 16) == b""
+
+
+async def test_changes_to_the_tree_get_sysfs_errnos() -> None:
+    """kernfs has no mkdir, rmdir, unlink, rename, symlink, link or mknod (the VFS answers
+    EPERM) and no create (open(O_CREAT) of a new name is EACCES): not pyfuse3's ENOSYS."""
+    fs, _, _ = build()
+    d = (await lookup(fs, "sys/x")).st_ino
+    ro = (await lookup(fs, "sys/x/ro")).st_ino
+    assert await errno_of(fs.mkdir(d, b"n", 0o755, CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.rmdir(d, b"n", CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.unlink(d, b"ro", CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.rename(d, b"ro", d, b"r2", 0, CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.symlink(d, b"s", b"ro", CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.link(ro, d, b"h", CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.mknod(d, b"m", 0o10644, 0, CTX)) == errno.EPERM  # type: ignore[arg-type]
+    assert await errno_of(fs.create(d, b"c", 0o644, os.O_WRONLY, CTX)) == errno.EACCES  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -136,3 +137,82 @@ def test_a_failed_start_shows_only_its_own_error(tmp_path: Path,
         assert out.returncode == 1
         assert out.stderr.count("is in use by another process") == 1, out.stderr
     assert mount_fstype(str(mp)) is None
+
+
+def _to_closed_pipe(*argv: str, env: dict[str, str] | None = None
+                    ) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with its stdout a pipe nobody reads any more, as ``| head -1`` leaves
+    it once head has its line (made certain here: the read end is closed first)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(argv, stdout=w, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=ROOT, timeout=60)
+    finally:
+        os.close(w)
+
+
+@pytest.mark.mount
+def test_status_into_head_is_quiet(tmp_path: Path, state_env: dict[str, str]) -> None:
+    """A C tool writing to a closed pipe is killed by SIGPIPE, silently (the shell reports
+    141); seq is the reference. mountctl ends the same way, not with BrokenPipeError."""
+    seq = _to_closed_pipe("seq", "1", "100000")
+    assert seq.returncode == -signal.SIGPIPE and seq.stderr == ""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    mountctl("up", "-d", str(mnt), env=state_env, check=True)
+    try:
+        for extra in ([], ["--json"]):
+            out = _to_closed_pipe(sys.executable, "-m", "mountctl", "status", *extra,
+                                  str(mnt), env=state_env)
+            assert (out.returncode, out.stderr) == (-signal.SIGPIPE, ""), out.stderr
+            sh = subprocess.run(
+                ["bash", "-c", f'{sys.executable} -m mountctl status {" ".join(extra)} '
+                 f'{mnt} | head -1; echo "exit ${{PIPESTATUS[0]}}"'],
+                capture_output=True, text=True, env=state_env, cwd=ROOT, timeout=60)
+            lines = sh.stdout.splitlines()
+            assert sh.stderr == "" and len(lines) == 2, sh.stdout + sh.stderr
+            assert lines[1] in ("exit 0", "exit 141")    # 0 when head read it all in time
+    finally:
+        assert mountctl("down", str(mnt), env=state_env).returncode == 0
+
+
+@pytest.mark.mount
+def test_a_dead_mount_is_named_and_down_removes_it(tmp_path: Path,
+                                                  state_env: dict[str, str]) -> None:
+    """The service killed outright leaves a FUSE mount whose every access fails with
+    ENOTCONN: status and up say it is a dead vbusfs mount and how to remove it; down
+    removes it."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    mountctl("up", "-d", str(mnt), env=state_env, check=True)
+    pid = int((mnt / ".vbusfs/pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.stat(mnt)
+        except OSError as e:
+            assert e.errno == errno.ENOTCONN
+            break
+        time.sleep(0.05)
+    try:
+        hint = f"mountctl: hint: 'mountctl down {mnt}' removes it"
+        st = mountctl("status", str(mnt), env=state_env)
+        assert st.returncode == 1 and st.stdout == ""
+        assert st.stderr.splitlines() == [
+            f"mountctl: {mnt}: is a dead vbusfs mount: its service is no longer running "
+            "(transport endpoint is not connected)", hint]
+        up = mountctl("up", "-d", str(mnt), env=state_env)
+        assert up.returncode == 2 and "is a dead vbusfs mount" in up.stderr, up.stderr
+        assert hint in up.stderr and "Traceback" not in up.stderr
+        down = mountctl("down", str(mnt), env=state_env)
+        assert down.returncode == 0, down.stderr
+        assert "already stopped" in down.stdout
+        assert mount_fstype(str(mnt)) is None and list(mnt.iterdir()) == []
+        # and it mounts again, from the same state
+        mountctl("up", "-d", str(mnt), env=state_env, check=True)
+        assert mountctl("down", str(mnt), env=state_env).returncode == 0
+    finally:
+        if mount_fstype(str(mnt)) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)

@@ -7,16 +7,18 @@ the traceback logged, so no handler error can end the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from vbusfs.invalidate import EntryInvalidator
 from vbusfs.sysfs import (
@@ -58,6 +60,7 @@ class _Open:
     data: bytes | None = None        # text attribute contents, generated at open
     error: OSError | None = None     # a show() failure, reported by read() as sysfs does
     limit: int | None = None         # a binary attribute's length for this opener
+    direct: bool = False             # a disk opened O_DIRECT: whole logical blocks only
 
 
 class VbusFS(pyfuse3.Operations):
@@ -83,6 +86,37 @@ class VbusFS(pyfuse3.Operations):
         self._handles: dict[int, _Open] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
+        self._disk_io = 0                        # disk reads, writes, fsyncs being served
+        self._disk_io_stopped = False
+        self._disk_io_idle = trio.Event()
+
+    # -- the service stopping ------------------------------------------------------------------
+    # Once the service is gone the kernel answers every request on a FUSE file with ENOTCONN
+    # (the connection is no longer connected), and a request still unanswered when the
+    # connection closes gets ECONNABORTED. So a stop the service controls answers new disk
+    # I/O with that same ENOTCONN and lets what is in flight finish first: a writer sees one
+    # errno however and whenever the service stops.
+    def stop_disk_io(self) -> None:
+        """From now on disk reads, writes and fsyncs fail with ENOTCONN."""
+        self._disk_io_stopped = True
+        if self._disk_io == 0:
+            self._disk_io_idle.set()
+
+    async def disk_io_drained(self) -> None:
+        """Return once no disk I/O is being served (after :meth:`stop_disk_io`)."""
+        await self._disk_io_idle.wait()
+
+    @contextlib.contextmanager
+    def _disk_request(self) -> Iterator[None]:
+        if self._disk_io_stopped:
+            raise OSError(errno.ENOTCONN, "the service is stopping")
+        self._disk_io += 1
+        try:
+            yield
+        finally:
+            self._disk_io -= 1
+            if self._disk_io == 0 and self._disk_io_stopped:
+                self._disk_io_idle.set()
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -107,7 +141,7 @@ class VbusFS(pyfuse3.Operations):
         a.st_size = node.size()
         a.st_blksize = 4096
         a.st_blocks = 0
-        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = node.mtime_ns
+        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = node.times()
         return a
 
     @_errors
@@ -154,7 +188,60 @@ class VbusFS(pyfuse3.Operations):
                 raise OSError(errno.EACCES, "read-only")
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise OSError(errno.EPERM, "sysfs modes and owners are fixed")
+        if fields.update_atime or fields.update_mtime:
+            # `touch -d`: kept, as sysfs (kernfs_iop_setattr) and devtmpfs keep them
+            node.set_times(attr.st_atime_ns if fields.update_atime else None,
+                           attr.st_mtime_ns if fields.update_mtime else None)
         return self.attrs(node)
+
+    # The tree's shape is the machine's; users cannot change it. kernfs has no mkdir,
+    # rmdir, unlink, symlink, link or mknod for sysfs, so the VFS answers EPERM for each,
+    # and its rename refuses with EPERM too; open(O_CREAT) of a new name in a directory
+    # without ->create is EACCES (fs/namei.c lookup_open). The same errnos here, where
+    # pyfuse3's defaults would say ENOSYS.
+    @_errors
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "mkdir")
+
+    @_errors
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    ctx: pyfuse3.RequestContext) -> None:
+        raise OSError(errno.EPERM, "rmdir")
+
+    @_errors
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        raise OSError(errno.EPERM, "unlink")
+
+    @_errors
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: bytes,
+                     parent_inode_new: pyfuse3.InodeT, name_new: bytes, flags: int,
+                     ctx: pyfuse3.RequestContext) -> None:
+        raise OSError(errno.EPERM, "rename")
+
+    @_errors
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                      target: pyfuse3.FileNameT,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "symlink")
+
+    @_errors
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: pyfuse3.FileNameT,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "link")
+
+    @_errors
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
+                    rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "mknod")
+
+    @_errors
+    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: int,
+                     flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise OSError(errno.EACCES, "create")
 
     @_errors
     async def readlink(self, inode: pyfuse3.InodeT,
@@ -222,6 +309,8 @@ class VbusFS(pyfuse3.Operations):
         elif isinstance(node, BlockFile):
             if wants_write and node.disk.readonly:
                 raise OSError(errno.EROFS, "the disk is read-only")
+            # the kernel passes the open flags on; a later fcntl(F_SETFL) is not seen
+            handle.direct = bool(flags & os.O_DIRECT)
         elif isinstance(node, DataFile):
             pass
         else:
@@ -242,7 +331,8 @@ class VbusFS(pyfuse3.Operations):
         if isinstance(h.node, BlockFile):
             if off < 0:
                 raise OSError(errno.EINVAL, "negative offset")
-            return await h.node.disk.read(off, size)
+            with self._disk_request():
+                return await h.node.disk.read(off, size, h.direct)
         if isinstance(h.node, BinAttribute):
             assert h.node.reader is not None
             length = h.node.length if h.limit is None else h.limit
@@ -264,7 +354,8 @@ class VbusFS(pyfuse3.Operations):
         if isinstance(node, BlockFile):
             if off < 0:
                 raise OSError(errno.EINVAL, "negative offset")
-            return await node.disk.write(off, buf)
+            with self._disk_request():
+                return await node.disk.write(off, buf, h.direct)
         try:
             if isinstance(node, BinAttribute):
                 if node.writer is None:
@@ -292,7 +383,8 @@ class VbusFS(pyfuse3.Operations):
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         h = self._handle(fh)
         if isinstance(h.node, BlockFile):
-            await h.node.disk.flush()      # a flush request through the ring
+            with self._disk_request():
+                await h.node.disk.flush()      # a flush request through the ring
 
     @_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

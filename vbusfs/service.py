@@ -2,9 +2,11 @@
 
 Start-up: the machine comes up (``nursery.start(machine.run)``: host sides, then guest sides,
 started once every device is negotiated), then the tree is mounted and the caller told it is
-ready. Shutdown, on SIGINT/SIGTERM, a write of ``shutdown`` to ``MNT/.vbusfs/control`` or an
-unmount from outside: the guest closes its disks and channels (bounded by a deadline), then
-the filesystem is unmounted.
+ready. Shutdown, on SIGINT/SIGTERM, a write of ``shutdown`` to ``MNT/.vbusfs/control`` (``mountctl
+down``), the guest accepting the host's shutdown request or an unmount from outside: disk I/O
+already in flight finishes and new disk I/O fails with ENOTCONN (:meth:`VbusFS.stop_disk_io`),
+the guest closes its disks and channels (bounded by a deadline), then the filesystem is
+unmounted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from backends.storage.files import make_state_dir
 from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
 from vbusfs.invalidate import EntryInvalidator
@@ -30,6 +33,8 @@ __all__ = ["serve", "START_DEADLINE"]
 
 #: how long a machine may take to come up before the start is a failure
 START_DEADLINE = 30.0
+#: how long disk I/O in flight when the service is told to stop may take to finish
+DISK_DRAIN_DEADLINE = 5.0
 
 
 def _mount_options() -> set[str]:
@@ -51,8 +56,8 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
                           f"{START_DEADLINE:.0f} s") from None
         machine.add_control_files(stop.set)
         invalidator = EntryInvalidator()
-        pyfuse3.init(VbusFS(machine.tree, invalidator=invalidator), mountpoint,
-                     _mount_options())
+        fs = VbusFS(machine.tree, invalidator=invalidator)
+        pyfuse3.init(fs, mountpoint, _mount_options())
         try:
             await nursery.start(invalidator.run)
             machine.tree.on_remove = invalidator
@@ -76,6 +81,11 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
             log.info("mounted %s on %s", machine.config.machine.name, mountpoint)
             on_ready()
             await stop.wait()
+            # Disk I/O first: new requests get ENOTCONN (what the kernel answers once we
+            # are gone), those in flight finish while every disk is still connected.
+            fs.stop_disk_io()
+            with trio.move_on_after(DISK_DRAIN_DEADLINE):
+                await fs.disk_io_drained()
             machine.tree.on_remove = None      # going away: nothing to keep fresh
             await invalidator.close()
             await machine.stop()
@@ -88,7 +98,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
 
 def serve(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Mount and run until stopped. Raises on failure before or after mounting."""
-    Path(machine.config.machine.state_dir).mkdir(parents=True, exist_ok=True)
+    make_state_dir(Path(machine.config.machine.state_dir))     # 0700: it holds the disks
     try:
         # One failing task (say, no VMBus version in common, or an image that cannot be
         # opened) is reported as itself, however deeply the nurseries nested it.

@@ -219,13 +219,8 @@ class ScsiDisk:
     # -- lifecycle -------------------------------------------------------------------------
     def open(self) -> None:
         p = self.params
-        self.image = RawImage(p.image, size=p.size, readonly=p.readonly, sync=not p.write_cache)
-        if self.image.size % p.sector_size or self.image.size == 0:
-            size = self.image.size
-            self.image.close()
-            self.image = None
-            raise OSError(errno.EINVAL, f"{p.image}: size {size} is not a positive multiple "
-                          f"of the {p.sector_size}-byte sector size")
+        self.image = RawImage(p.image, size=p.size, readonly=p.readonly, sync=not p.write_cache,
+                              sector_size=p.sector_size)
         self.blocks = self.image.size // p.sector_size
         self.executor = ImageExecutor(self.image, p.name)
 

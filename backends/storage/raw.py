@@ -1,4 +1,5 @@
-"""A raw image file: sparse when created, locked while in use, vectored I/O from guest memory.
+"""A raw image file: sparse and private when created (:mod:`backends.storage.files`), locked
+while in use, vectored I/O from guest memory.
 
 Every method but :meth:`RawImage.preadv_nowait` may block, so they run on the image's I/O
 thread; ``preadv_nowait`` never blocks and runs inline. Sizes are fixed once open: the
@@ -10,9 +11,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from backends.storage.files import create_sparse, readable_by_others, size_problem
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RawImage", "ImageError"]
 
@@ -31,26 +37,38 @@ Buffers = Sequence[memoryview]
 
 
 class RawImage:
-    def __init__(self, path: Path, *, size: int, readonly: bool, sync: bool = False) -> None:
-        """Open ``path``, creating it sparse at ``size`` bytes if it does not exist.
-        ``sync`` opens with O_DSYNC (a disk that offers no flush must be write-through)."""
+    def __init__(self, path: Path, *, size: int, readonly: bool, sync: bool = False,
+                 sector_size: int = 512) -> None:
+        """Open ``path``, creating it sparse at ``size`` bytes, mode 0600, if it does not
+        exist (:func:`~backends.storage.files.create_sparse`: atomic). ``sync`` opens with
+        O_DSYNC (a disk that offers no flush must be write-through). An image that is not
+        a positive multiple of ``sector_size`` is refused; one that users other than its
+        owner can read is served with a warning (its mode is left alone)."""
         self.path = path
         self.readonly = readonly
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         if sync and not readonly:
             flags |= os.O_DSYNC
         created = False
-        try:
-            self.fd = os.open(path, flags)
-        except FileNotFoundError:
-            if readonly:
-                raise ImageError(errno.ENOENT, f"{path}: a read-only disk needs an existing "
-                                 "image") from None
+        while True:
             try:
-                self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+                self.fd = os.open(path, flags)
+                break
+            except FileNotFoundError:
+                if readonly:
+                    raise ImageError(errno.ENOENT, f"{path}: a read-only disk needs an "
+                                     "existing image") from None
+                if created:
+                    raise ImageError(errno.ENOENT, f"{path}: removed as it was "
+                                     "created") from None
+            try:
+                create_sparse(path, size)
+                created = True
+            except FileExistsError:
+                pass                 # created by someone else since: open theirs
             except OSError as e:
-                raise ImageError(e.errno, f"cannot create image {path}: {e.strerror}") from None
-            created = True
+                raise ImageError(e.errno, f"cannot create image {path}: {e.strerror}") \
+                    from None
         try:
             try:
                 fcntl.flock(self.fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) |
@@ -58,16 +76,21 @@ class RawImage:
             except BlockingIOError:
                 raise ImageError(errno.EBUSY, f"{path} is in use by another process "
                                  "(locked)") from None
-            if created:
-                os.ftruncate(self.fd, size)
             st = os.fstat(self.fd)
             if not (st.st_mode & 0o170000) == 0o100000:
                 raise ImageError(errno.EINVAL, f"{path} is not a regular file")
+            problem = size_problem(path, st.st_size, sector_size)
+            if problem is not None:
+                raise ImageError(errno.EINVAL, problem)
+            if not created and readable_by_others(path):
+                log.warning("%s: users other than its owner can read this image (mode "
+                            "%04o); 'chmod 600' it to keep the disk private", path,
+                            st.st_mode & 0o7777)
             self.size = st.st_size
         except BaseException:
+            # a new image stays: it is whole (created atomically), and after the link
+            # another process may already be using it
             os.close(self.fd)
-            if created:
-                path.unlink(missing_ok=True)
             raise
         self.created = created
 

@@ -11,7 +11,6 @@ their slots and every executor and image is closed.
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 
@@ -37,11 +36,9 @@ __all__ = ["PciHost", "build"]
 def _blk(dev: PciDeviceConfig, opened: list[Callable[[], None]]) -> VirtioModel:
     assert dev.image is not None
     flushable = "flush" in dev.features
-    image = RawImage(dev.image, size=dev.size, readonly=dev.readonly, sync=not flushable)
+    image = RawImage(dev.image, size=dev.size, readonly=dev.readonly, sync=not flushable,
+                     sector_size=dev.sector_size)
     opened.append(image.close)
-    if image.size % dev.sector_size or image.size == 0:
-        raise OSError(errno.EINVAL, f"{dev.image}: size {image.size} is not a positive "
-                      f"multiple of the {dev.sector_size}-byte sector size")
     ex = ImageExecutor(image, f"virtio-blk {dev.slot:02x}.0")
     opened.insert(0, ex.close)                  # the thread stops before the image closes
     phys = 4096 if "topology" in dev.features and dev.sector_size < 4096 else \

@@ -140,12 +140,7 @@ class Blkback:
         spec = self.spec
         flushable = bool({"flush", "barrier"} & spec.features)
         self.image = RawImage(spec.image, size=spec.size, readonly=spec.readonly,
-                              sync=not flushable)
-        if self.image.size % spec.sector_size:
-            size = self.image.size
-            self.image.close()
-            raise OSError(errno.EINVAL, f"{spec.image}: size {size} is not a multiple of "
-                          f"the {spec.sector_size}-byte sector size")
+                              sync=not flushable, sector_size=spec.sector_size)
         self.sectors = self.image.size // blkif.SECTOR
         self.executor = ImageExecutor(self.image, f"blkback {spec.vdev.name}")
 

@@ -1,12 +1,15 @@
 """The gendisk: ``/dev/<disk>`` semantics over the engine, I/O accounting, and the disk's
 sysfs directory (reference/sysfs.md §4).
 
-File semantics (design.md §3): any offset and length — I/O that does not cover whole logical
-blocks is done by read-modify-write of the edge blocks, under a range lock so concurrent
-writes to the same block both land; reads at or past the end return 0 bytes; a write that
-starts past the end fails with ``ENOSPC`` and one that crosses it is cut short there; a
-read-only disk refuses writes with ``EROFS``; ``fsync`` is a flush through the ring; a
-discard goes out as the transport's discard.
+File semantics (design.md §3): any offset and length for buffered I/O — I/O that does not
+cover whole logical blocks is done by read-modify-write of the edge blocks, under a range
+lock so concurrent writes to the same block both land; reads at or past the end return 0
+bytes; a write that starts past the end fails with ``ENOSPC`` and one that crosses it is cut
+short there; a read-only disk refuses writes with ``EROFS``; ``fsync`` is a flush through the
+ring; a discard goes out as the transport's discard. Direct I/O (a file opened ``O_DIRECT``)
+must be whole logical blocks, offset and length, or it fails with ``EINVAL`` as on a block
+device (``blkdev_direct_IO``), checked where Linux checks it: after a read at or past the end
+has returned 0 and a write past the end has failed with ``ENOSPC``.
 
 Accounting: one I/O per request the disk receives (each read/write call), sectors in 512-byte
 units, ticks in real milliseconds; ``stat`` prints Linux's 17 fields, ``inflight`` the two
@@ -163,11 +166,19 @@ class Disk:
         if self.dead:
             raise OSError(errno.ENXIO, f"{self.name} has been removed")
 
-    async def read(self, offset: int, size: int) -> bytes:
+    def _check_direct(self, offset: int, length: int) -> None:
+        lbs = self.limits.logical_block_size
+        if (offset | length) & (lbs - 1):
+            raise OSError(errno.EINVAL, f"direct I/O of {length} bytes at {offset} is not "
+                          f"whole {lbs}-byte blocks")
+
+    async def read(self, offset: int, size: int, direct: bool = False) -> bytes:
         self._check_live()
         total = self.sectors * SECTOR
         if offset >= total or size <= 0:
             return b""
+        if direct:
+            self._check_direct(offset, size)
         size = min(size, total - offset)
         lbs = self.limits.logical_block_size
         start = offset - offset % lbs
@@ -190,7 +201,7 @@ class Disk:
             return bytes(buf)
         return bytes(memoryview(buf)[offset - start:offset - start + size])
 
-    async def write(self, offset: int, data: bytes) -> int:
+    async def write(self, offset: int, data: bytes, direct: bool = False) -> int:
         self._check_live()
         if self.readonly:
             raise OSError(errno.EROFS, f"{self.name} is read-only")
@@ -200,6 +211,8 @@ class Disk:
         if offset >= total:
             raise OSError(errno.ENOSPC, f"offset {offset} is at or past the end of "
                           f"{self.name} ({total} bytes)")
+        if direct:
+            self._check_direct(offset, len(data))
         n = min(len(data), total - offset)
         lbs = self.limits.logical_block_size
         start = offset - offset % lbs

@@ -13,7 +13,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from vbusfs.config.common import (
     MACHINE,
@@ -42,7 +42,7 @@ from vbusfs.config.xen import VBD, VBD_FEATURES, XEN, VbdConfig, XenConfig, pars
 __all__ = ["ConfigError", "Config", "MachineConfig", "VmbusConfig", "VmbusDeviceConfig",
            "IcConfig", "ScsiLunConfig", "XenConfig", "VbdConfig", "VBD_FEATURES", "load",
            "load_default", "parse", "DEFAULT_CONFIG", "derive_guid", "parse_size", "SECTIONS",
-           "reference", "PciConfig", "PciDeviceConfig"]
+           "reference", "PciConfig", "PciDeviceConfig", "DiskImage"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,9 @@ class Config:
     source: str = "<embedded default>"
     xen: XenConfig | None = None
     pci: PciConfig | None = None
+
+    def disks(self) -> list[DiskImage]:
+        return disk_images(self.vmbus, self.xen, self.pci)
 
 
 #: every section, in the order the reference lists them
@@ -100,17 +103,38 @@ def parse(doc: dict[str, Any], base_dir: Path, source: str) -> Config:
     return Config(machine, vmbus, source, xen, pci)
 
 
+class DiskImage(NamedTuple):
+    """What every bus's disk says about its image: where, how big a new one is, its
+    sector size, whether it is read-only, and the key path of the disk's table."""
+
+    image: Path
+    size: int
+    sector_size: int
+    readonly: bool
+    key: str
+
+
+def disk_images(vmbus: VmbusConfig, xen: XenConfig | None,
+                pci: PciConfig | None) -> list[DiskImage]:
+    """Every disk of the machine, SCSI LUNs, then Xen disks, then virtio-blk functions."""
+    out = [DiskImage(lun.image, lun.size, lun.sector_size, lun.readonly, lun.key)
+           for dev in vmbus.devices for lun in dev.luns]
+    out += [DiskImage(v.image, v.size, v.sector_size, v.readonly, v.key)
+            for v in (xen.vbds if xen else ())]
+    out += [DiskImage(d.image, d.size, d.sector_size, d.readonly, d.key)
+            for d in (pci.devices if pci else ()) if d.image is not None]
+    return out
+
+
 def _one_disk_per_image(vmbus: VmbusConfig, xen: XenConfig | None,
                         pci: PciConfig | None) -> None:
     """Each bus checks its own disks; an image is also never two buses' disk at once."""
-    disks = [(lun.image, lun.key) for dev in vmbus.devices for lun in dev.luns]
-    disks += [(v.image, v.key) for v in (xen.vbds if xen else ())]
-    disks += [(d.image, d.key) for d in (pci.devices if pci else ()) if d.image is not None]
     owner: dict[Path, str] = {}
-    for image, key in disks:
-        if image in owner:
-            raise ConfigError(f"{key}.image", f"{image} is also the image of {owner[image]}")
-        owner[image] = key
+    for disk in disk_images(vmbus, xen, pci):
+        if disk.image in owner:
+            raise ConfigError(f"{disk.key}.image",
+                              f"{disk.image} is also the image of {owner[disk.image]}")
+        owner[disk.image] = disk.key
 
 
 def load(path: str | os.PathLike[str]) -> Config:

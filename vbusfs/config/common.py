@@ -92,7 +92,8 @@ class Section:
 MACHINE = Section("machine", "`[machine]` (required)", "", {
     "name": Key(str, "a machine name", ..., "string", "machine name; seeds derived GUIDs"),
     "state_dir": Key(str, "a directory path", "state", "string",
-                     "directory for runtime files (the `-d` log); relative to the config file "
+                     "directory for runtime files (the `-d` log, images), created mode 0700; "
+                     "relative to the config file "
                      "(for the embedded default: `$VBUSFS_STATE`, else `/var/lib/vbusfs` as "
                      "root, else `~/.local/state/vbusfs`)"),
     "cpus": Key(int, "a vCPU count", 2, "integer 1–4096",

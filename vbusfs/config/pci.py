@@ -74,10 +74,12 @@ PCI_DEVICE = Section("pci.device", "`[[pci.device]]`", "", {
                      "0x1000-based id, revision 0, with the legacy I/O BAR 0 as well (QEMU's "
                      "layouts)"),
     "image": Key(str, "an image path", None, "path",
-                 "virtio-blk: the image, relative to `state_dir`; created sparse at `size` "
-                 "when it does not exist; locked while mounted", "`vdX.img`"),
+                 "virtio-blk: the image, relative to `state_dir`; created sparse at `size`, "
+                 "mode 0600, when it does not exist; an existing one must be whole sectors; "
+                 "locked while mounted", "`vdX.img`"),
     "size": Key((str, int), "a size", "1G", "size",
-                "virtio-blk: the size of a new image; a multiple of `sector_size`"),
+                "virtio-blk: the size of a new image; a multiple of `sector_size`, no larger "
+                "than a file on its filesystem can be"),
     "readonly": Key(bool, "true or false", False, "boolean",
                     "virtio-blk: read-only (`VIRTIO_BLK_F_RO`, `ro` 1, `EROFS`); needs an "
                     "existing image"),

@@ -125,12 +125,14 @@ VMBUS_LUN = Section("vmbus.device.lun", "`[[vmbus.device.lun]]`",
     "lun": Key(int, "a LUN number", None, "integer 0–254",
                "the LUN; two disks of one controller cannot share it", "its position"),
     "image": Key(str, "an image path", None, "path",
-                 "the image, relative to `state_dir`; created sparse at `size` when it does "
-                 "not exist; locked while mounted (K: the controller's number among the "
+                 "the image, relative to `state_dir`; created sparse at `size`, mode 0600, "
+                 "when it does not exist; an existing one must be whole sectors; locked while "
+                 "mounted (K: the controller's number among the "
                  "`scsi` devices)", "`scsi<K>-lun<L>.img`"),
     "size": Key((str, int), "a size", "1G", "size",
-                "the size of a new image (K/M/G/T); a multiple of `sector_size`. An existing "
-                "image keeps its size."),
+                "the size of a new image (K/M/G/T); a multiple of `sector_size`, no larger "
+                "than a file on its filesystem can be (not free space: images are sparse). "
+                "An existing image keeps its size."),
     "readonly": Key(bool, "true or false", False, "boolean",
                     "write-protected (MODE SENSE WP bit; writes get DATA PROTECT); needs an "
                     "existing image"),

@@ -68,12 +68,14 @@ VBD = Section("xen.vbd", "`[[xen.vbd]]`", "", {
                 "map to `xvd` names as blkfront does. Two disks with the same name are an "
                 "error."),
     "image": Key(str, "an image path", None, "path",
-                 "the image, relative to `state_dir`; created sparse at `size` when it does "
-                 "not exist; locked while mounted (a second mount gets \"in use\")",
+                 "the image, relative to `state_dir`; created sparse at `size`, mode 0600, "
+                 "when it does not exist; an existing one must be whole sectors; locked while "
+                 "mounted (a second mount gets \"in use\")",
                  "`<name>.img`"),
     "size": Key((str, int), "a size", "1G", "size",
-                "the size of a new image (K/M/G/T); must be a multiple of `sector_size`. An "
-                "existing image keeps its size."),
+                "the size of a new image (K/M/G/T); must be a multiple of `sector_size` and no "
+                "larger than a file on its filesystem can be (not free space: images are "
+                "sparse). An existing image keeps its size."),
     "readonly": Key(bool, "true or false", False, "boolean",
                     "a read-only disk (`info` 4, `ro` 1, `EROFS`); needs an existing image"),
     "sector_size": Key(int, "512, 1024, 2048 or 4096", 512, "integer",

@@ -32,7 +32,7 @@ ROOT_INODE = 1
 
 
 class Node:
-    __slots__ = ("name", "parent", "ino", "tree", "mtime_ns")
+    __slots__ = ("name", "parent", "ino", "tree", "mtime_ns", "atime_ns", "ctime_ns")
 
     kind: int = 0  # stat.S_IF*
 
@@ -44,6 +44,25 @@ class Node:
         self.ino = 0
         self.tree: Tree | None = None
         self.mtime_ns = time.time_ns()
+        self.atime_ns: int | None = None      # None: as mtime (until someone sets it)
+        self.ctime_ns: int | None = None
+
+    def set_times(self, atime_ns: int | None, mtime_ns: int | None) -> None:
+        """``utimensat`` on the node: kernfs keeps the times it is given (and the change
+        time becomes now), as it keeps them for any sysfs file."""
+        if atime_ns is not None:
+            self.atime_ns = atime_ns
+        elif self.atime_ns is None:
+            self.atime_ns = self.mtime_ns
+        if mtime_ns is not None:
+            self.mtime_ns = mtime_ns
+        self.ctime_ns = time.time_ns()
+
+    def times(self) -> tuple[int, int, int]:
+        """(atime, mtime, ctime) in ns."""
+        m = self.mtime_ns
+        return (m if self.atime_ns is None else self.atime_ns, m,
+                max(m, self.ctime_ns or 0))
 
     @property
     def mode(self) -> int:
@@ -284,8 +303,8 @@ class BlockDevice(Protocol):
     readonly: bool
 
     def size_bytes(self) -> int: ...
-    async def read(self, offset: int, size: int) -> bytes: ...
-    async def write(self, offset: int, data: bytes) -> int: ...
+    async def read(self, offset: int, size: int, direct: bool = False) -> bytes: ...
+    async def write(self, offset: int, data: bytes, direct: bool = False) -> int: ...
     async def flush(self) -> None: ...
 
 

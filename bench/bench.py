@@ -99,10 +99,14 @@ def drop_caches() -> None:
 
 
 def make_image(path: Path, size: int) -> None:
+    """An image of ``size`` bytes of zeros, mode 0600 as vbusfs creates its own (a disk image
+    others can read is served with a warning)."""
     if path.exists() and path.stat().st_size == size:
+        path.chmod(0o600)
         return
     zeros = bytes(MiB)
-    with open(path, "wb") as f:
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        path.chmod(0o600)
         for _ in range(size // MiB):
             f.write(zeros)
         os.fsync(f.fileno())

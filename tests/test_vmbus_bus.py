@@ -20,7 +20,7 @@ from backends.vmbus.host import VmbusHost
 from backends.vmbus.ic import HeartbeatIc
 from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
-from vbusfs.drivers.vmbus.connection import OpenError
+from vbusfs.drivers.vmbus.connection import RESPONSE_TIMEOUT, OpenError
 from vbusfs.drivers.vmbus.drivers import linux_drivers
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.vmbus.synic import PostedMessage, Synic
@@ -250,3 +250,51 @@ async def test_a_gpadl_the_host_never_answers_is_a_clear_timeout(
         await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1])
     assert e.value.errno == errno.ETIMEDOUT
     assert "GPADL_CREATED" in str(e.value)
+
+
+def _slow_offers(rig_host: VmbusHost, synic: Synic, gap: float, stop_after: int | None) -> None:
+    """A host that takes ``gap`` seconds per offer (thousands of channels take a while), and
+    optionally stops after ``stop_after`` offers without saying ALLOFFERS_DELIVERED."""
+    async def offers(buf: bytes) -> None:
+        for n, chan in enumerate(rig_host.channels.values()):
+            if stop_after is not None and n == stop_after:
+                return
+            await trio.sleep(gap)
+            await synic.deliver(chan.offer().pack())
+        await synic.deliver(m.AllOffersDelivered().pack())
+    rig_host._table[m.MessageType.REQUESTOFFERS] = (8, offers)
+
+
+def _bare_rig() -> tuple[VmbusHost, VmbusBus, Synic]:
+    memory = GuestMemory(16 << 20)
+    synic = Synic()
+    specs = [ChannelSpec("hb", HB, HB_INST, HeartbeatIc(interval=2.0)),
+             ChannelSpec("nic", NIC, NIC_INST, IdleDevice(), monitor=True),
+             ChannelSpec("avma", AVMA, AVMA_INST, IdleDevice())]
+    host = VmbusHost(synic, memory, specs, m.Version.WIN10_V5_3)
+    bus = VmbusBus(synic, memory, Tree(), cpus=2)
+    return host, bus, synic
+
+
+async def test_offers_that_keep_coming_are_waited_for(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    """All offers took longer than the response timeout, but each came within it: the
+    host is alive (a machine of 10,000 devices took 7.5 s and had failed at 5 s)."""
+    host, bus, synic = _bare_rig()
+    _slow_offers(host, synic, gap=RESPONSE_TIMEOUT * 0.8, stop_after=None)
+    await nursery.start(host.run)
+    t0 = trio.current_time()
+    await nursery.start(bus.run)
+    assert trio.current_time() - t0 > 2 * RESPONSE_TIMEOUT
+    assert len(bus.devices) == 3
+
+
+async def test_a_host_that_stops_offering_is_a_clear_timeout(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    host, bus, synic = _bare_rig()
+    _slow_offers(host, synic, gap=0.1, stop_after=2)
+    await nursery.start(host.run)
+    with pytest.raises(OSError) as e:
+        await bus.run()
+    assert e.value.errno == errno.ETIMEDOUT
+    assert "ALLOFFERS_DELIVERED" in str(e.value) and "2 offers" in str(e.value)

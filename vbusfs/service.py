@@ -29,10 +29,19 @@ from vbusfs.machine import Machine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["serve", "START_DEADLINE"]
+__all__ = ["serve", "START_DEADLINE", "start_deadline"]
 
-#: how long a machine may take to come up before the start is a failure
+#: how long a machine may take to come up before the start is a failure, plus
+#: START_PER_DEVICE for each device it has (10,000 VMBus devices take tens of seconds)
 START_DEADLINE = 30.0
+START_PER_DEVICE = 0.01
+
+
+def start_deadline(machine: Machine) -> float:
+    cfg = machine.config
+    devices = len(cfg.vmbus.devices) + (len(cfg.xen.vbds) if cfg.xen else 0) + \
+        (len(cfg.pci.devices) if cfg.pci else 0)
+    return START_DEADLINE + START_PER_DEVICE * devices
 #: how long disk I/O in flight when the service is told to stop may take to finish
 DISK_DRAIN_DEADLINE = 5.0
 
@@ -48,12 +57,13 @@ def _mount_options() -> set[str]:
 async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
+        deadline = start_deadline(machine)
         try:
-            with trio.fail_after(START_DEADLINE):
+            with trio.fail_after(deadline):
                 await nursery.start(machine.run)
         except trio.TooSlowError:
             raise OSError(errno.ETIMEDOUT, f"the machine did not come up within "
-                          f"{START_DEADLINE:.0f} s") from None
+                          f"{deadline:.0f} s") from None
         machine.add_control_files(stop.set)
         invalidator = EntryInvalidator()
         fs = VbusFS(machine.tree, invalidator=invalidator)

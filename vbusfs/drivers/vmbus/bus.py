@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import uuid
 
 import trio
 
@@ -46,6 +47,8 @@ class VmbusBus:
         self.conn = VmbusConnection(synic, memory, cpus, versions)
         self.tree = tree
         self.devices: dict[int, VmbusDevice] = {}   # by relid
+        self._by_instance: dict[uuid.UUID, VmbusDevice] = {}
+        self._offers_seen = 0
         self._next_perf_cpu = 0
         self._offers_done = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -95,12 +98,23 @@ class VmbusBus:
                 nursery.start_soon(self._receive_loop)
                 await self.conn.connect()
                 self.conn.post(m.RequestOffers().pack())
-                with trio.fail_after(RESPONSE_TIMEOUT):
-                    await self._offers_done.wait()
+                await self._wait_all_offers()
                 for dev in sorted(self.devices.values(), key=lambda d: d.channel.relid):
                     if self.sysfs.autoprobe:
                         await self._probe(dev)
                 task_status.started()
+
+    async def _wait_all_offers(self) -> None:
+        """Until ALLOFFERS_DELIVERED. A host that offers thousands of channels takes a while;
+        only one that goes RESPONSE_TIMEOUT without offering anything has stopped."""
+        while not self._offers_done.is_set():
+            seen = self._offers_seen
+            with trio.move_on_after(RESPONSE_TIMEOUT):
+                await self._offers_done.wait()
+            if not self._offers_done.is_set() and self._offers_seen == seen:
+                raise OSError(errno.ETIMEDOUT, f"the VMBus host sent no ALLOFFERS_DELIVERED "
+                              f"within {RESPONSE_TIMEOUT:.0f} s of its last offer "
+                              f"({seen} offers)")
 
     async def unload(self) -> None:
         """Unbind every device (closing its channel) and send UNLOAD (what a guest does on
@@ -120,10 +134,11 @@ class VmbusBus:
 
     async def _on_offer(self, offer: m.OfferChannel) -> None:
         relid = offer.child_relid
+        self._offers_seen += 1
         if relid == 0 or relid in self.devices:
             log.warning("vmbus: offer with relid %d rejected (zero or duplicate)", relid)
             return
-        if any(d.offer.if_instance == offer.if_instance for d in self.devices.values()):
+        if offer.if_instance in self._by_instance:
             log.warning("vmbus: offer of duplicate instance %s rejected", offer.if_instance)
             return
         if offer.monitor_allocated and offer.monitorid >= 128:
@@ -133,6 +148,7 @@ class VmbusBus:
         dev.channel.target_cpu = self._pick_cpu(dev.device_class)
         dev.channel.state = ChannelState.OPEN
         self.devices[relid] = dev
+        self._by_instance[offer.if_instance] = dev
         dev.dir = self.parent.mkdir(dev.name)
         self.sysfs.add_device(dev.dir, lambda: vmbus_sysfs.uevent(dev))
         vmbus_sysfs.add_device_files(dev)
@@ -148,6 +164,7 @@ class VmbusBus:
         await self.drivers.unbind(dev)
         self.sysfs.remove_device(dev.name)
         del self.devices[relid]
+        self._by_instance.pop(dev.offer.if_instance, None)
         self.conn.post(m.RelidReleased(relid).pack())
 
     def _by_name(self, name: str) -> VmbusDevice | None:

@@ -458,3 +458,55 @@ async def test_unanswered_command_keeps_its_tag_and_pages_until_the_answer(
         rig.storvsp._interrupt()                               # published
         await trio.testing.wait_all_tasks_blocked()
         assert ctrl.host_busy() == 0 and taken() == before
+
+
+async def test_srb_status_codes_are_compared_whole(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """storvsc_handle_error switches on SRB_STATUS(srb_status), the low six bits (reference
+    §4.5): ERROR, ABORTED, INVALID_REQUEST and INTERNAL_ERROR with autosense and capacity
+    changed (2A/09) or operating conditions changed (3F, but not 03 or 0E) are requeued and
+    the device rescanned; without autosense they are DID_ERROR; INVALID_LUN (0x20) alone
+    removes the LUN, so INTERNAL_ERROR (0x30), INVALID_TARGET_ID (0x21) and BAD_FUNCTION
+    (0x22), which share its bit, do not."""
+    from vbusfs.drivers.scsi.device import Direction, ScsiRequest
+    from vbusfs.drivers.vmbus.storvsc import _Slot
+
+    def completion(srb_status: int, scsi_status: int, sense: bytes = b"") -> bytes:
+        return struct.pack("<III", 1, 0, 0) + struct.pack(
+            "<HBBBBBBBBBBI20s", 0x34, srb_status, scsi_status, 0, 0, 0, 0, 16, 0x14, 0, 0,
+            0, sense) + bytes(16)
+
+    def sense(key: int, asc: int, ascq: int) -> bytes:
+        return bytes((0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
+
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        sdev = host.devices[(0, 0, 0)]
+        rescanned: list[object] = []
+        monkeypatch.setattr(host, "rescan_device_soon", rescanned.append)
+
+        def decode(payload: bytes, op: int = 0x28) -> CmdResult:
+            req = ScsiRequest(bytes((op,)) + bytes(9), Direction.FROM_DEVICE, 512, [])
+            return rig.ctrl._decode(_Slot(sdev, req), payload)
+
+        capacity = sense(0x06, 0x2A, 0x09)
+        for code in (0x04, 0x02, 0x06, 0x30):
+            r = decode(completion(code | 0x80, 2, capacity))
+            assert r.host == HostByte.DID_REQUEUE and decide(r) == RETRY, hex(code)
+            r = decode(completion(code, 2))
+            assert r.host == HostByte.DID_ERROR and decide(r) == errno.EIO, hex(code)
+            assert decode(completion(code, 2), op=0x00).host == HostByte.DID_OK   # TUR
+        assert rescanned == [sdev] * 4
+        r = decode(completion(0x84, 2, sense(0x06, 0x3F, 0x05)))
+        assert r.host == HostByte.DID_REQUEUE
+        for ascq in (0x03, 0x0E):                       # left to the midlayer
+            assert decode(completion(0x84, 2, sense(0x06, 0x3F, ascq))).host == \
+                HostByte.DID_OK
+        for code in (0x30, 0x21, 0x22, 0x12 | 0x20):
+            decode(completion(code, 2))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sdev.state == "running" and (0, 0, 0) in host.devices, hex(code)
+        assert decode(completion(0x20, 2)).host == HostByte.DID_NO_CONNECT
+        await trio.testing.wait_all_tasks_blocked()
+        assert (0, 0, 0) not in host.devices

@@ -431,6 +431,12 @@ class ScsiHost:
             sdev.state = "offline"
             self.nursery.start_soon(self.remove_device, sdev)
 
+    def rescan_device_soon(self, sdev: ScsiDevice) -> None:
+        """The driver saw the device change (``storvsc_device_scan``): rescan it in the
+        background."""
+        if self.nursery is not None:
+            self.nursery.start_soon(self.rescan_device, sdev)
+
     async def rescan_device(self, sdev: ScsiDevice) -> None:
         """``scsi_rescan_device``: the VPD pages and sd's view of the disk again."""
         sd = sdev.disk

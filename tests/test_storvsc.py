@@ -510,3 +510,32 @@ async def test_srb_status_codes_are_compared_whole(tmp_path: Path,
         assert decode(completion(0x20, 2)).host == HostByte.DID_NO_CONNECT
         await trio.testing.wait_all_tasks_blocked()
         assert (0, 0, 0) not in host.devices
+
+
+async def test_concurrent_deletes_remove_the_device_once(tmp_path: Path) -> None:
+    """Two writes to ``delete`` at once (Linux serializes scsi_remove_device; the second
+    finds the device deleted and returns), and the driver's removal of a LUN it saw vanish
+    racing a host rescan's: each returns once the device is gone, none fails."""
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        node = rig.tree.resolve(f"{SDEV}/delete")
+        assert isinstance(node, Attribute)
+
+        async def delete() -> None:
+            await node.write(b"1\n")                  # type: ignore[misc]
+            assert (0, 0, 0) not in host.devices
+
+        async with trio.open_nursery() as n:
+            n.start_soon(delete)
+            n.start_soon(delete)
+        assert "0:0:0:0" not in rig.tree.resolve("sys/bus/scsi/devices").children
+        assert "sda" not in rig.tree.resolve("dev").children
+        await host.scan()
+        sdev = host.devices[(0, 0, 0)]
+        async with trio.open_nursery() as n:
+            host.lun_gone(sdev)
+            n.start_soon(host.remove_device, sdev)
+        assert not host.devices and not host.targets
+        await host.scan()
+        assert await rig.disk().read(0, 512) == bytes(512)

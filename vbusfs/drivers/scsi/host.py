@@ -229,6 +229,7 @@ class ScsiHost:
         self.devices: dict[tuple[int, int, int], ScsiDevice] = {}
         self.targets: dict[tuple[int, int], Directory] = {}
         self._lock = trio.Lock()                 # shost->scan_mutex
+        self._removing: dict[tuple[int, int, int], trio.Event] = {}
         #: where the host's background work (removals) runs; the driver sets it
         self.nursery: trio.Nursery | None = None
         self.dir = parent.mkdir(self.name)
@@ -409,20 +410,30 @@ class ScsiHost:
     # -- removal and rescan --------------------------------------------------------------------
     async def remove_device(self, sdev: ScsiDevice) -> None:
         """``__scsi_remove_device``: the disk first, then the directories; the target goes
-        with its last device."""
+        with its last device. A removal already under way (a second ``delete``, the
+        driver's and a rescan's) is waited for, not done twice."""
         key = (sdev.channel, sdev.id, sdev.lun)
         if self.devices.get(key) is not sdev:
             return
-        await self.bus.sd_remove(sdev)       # a running device's cache is flushed first
-        sdev.state = "cancel"
-        del self.devices[key]
-        self.bus._sdevs.pop(sdev.name, None)
-        _drop(self.bus.device_class, sdev.name)
-        self.bus.sysfs.remove_device(sdev.name)
-        sdev.state = "deleted"
-        if not any((c, t) == key[:2] for c, t, _ in self.devices):
-            tdir = self.targets.pop(key[:2])
-            self.bus.sysfs.remove_device(tdir.name)
+        going = self._removing.get(key)
+        if going is not None:
+            await going.wait()
+            return
+        going = self._removing[key] = trio.Event()
+        try:
+            await self.bus.sd_remove(sdev)   # a running device's cache is flushed first
+            sdev.state = "cancel"
+            del self.devices[key]
+            self.bus._sdevs.pop(sdev.name, None)
+            _drop(self.bus.device_class, sdev.name)
+            self.bus.sysfs.remove_device(sdev.name)
+            sdev.state = "deleted"
+            if not any((c, t) == key[:2] for c, t, _ in self.devices):
+                tdir = self.targets.pop(key[:2])
+                self.bus.sysfs.remove_device(tdir.name)
+        finally:
+            del self._removing[key]
+            going.set()
 
     def lun_gone(self, sdev: ScsiDevice) -> None:
         """The driver saw the LUN vanish (``storvsc_remove_lun``): remove it in the

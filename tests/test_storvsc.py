@@ -539,3 +539,26 @@ async def test_concurrent_deletes_remove_the_device_once(tmp_path: Path) -> None
         assert not host.devices and not host.targets
         await host.scan()
         assert await rig.disk().read(0, 512) == bytes(512)
+
+
+async def test_a_failed_background_rescan_leaves_the_controller_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs) -> None:
+    """A capacity change makes storvsc rescan the device in the background (reference
+    §4.5); when READ CAPACITY then fails (here: a medium error) the rescan fails and says
+    so in the log, as a work item of the driver does; the controller and its disks go on
+    (Linux's scsi_rescan_device returns nothing to fail with)."""
+    from backends.scsi import disk as host_disk
+
+    logs.expect(r"0:0:0:0: rescan failed: .*READ CAPACITY failed")
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        medium = host_disk._MEDIUM_ERROR
+        monkeypatch.setitem(host_disk._CONTROL, 0x25, lambda d, c, b: medium)
+        monkeypatch.setitem(host_disk._CONTROL, 0x9E, lambda d, c, b: medium)
+        host.rescan_device_soon(host.devices[(0, 0, 0)])
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.undo()
+        assert not rig.ctrl.broken and rig.ctrl.host is host
+        await rig.disk().write(0, b"still" * 100)
+        assert await rig.disk().read(0, 500) == b"still" * 100

@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -394,7 +394,8 @@ class ScsiHost:
 
         self.bus.sysfs.add_device(sdev.dir, uevent)
         add_group(sdev.dir, sdev, scsi_sysfs.SDEV_GROUP)
-        sdev.dir.add(Attribute("rescan", None, lambda _t: self.rescan_device(sdev)))
+        sdev.dir.add(Attribute("rescan", None,
+                               lambda _t: self._background(self.rescan_device, sdev)))
         sdev.dir.add(Attribute("delete", None, lambda _t: self.remove_device(sdev)))
         scsi_sysfs.add_vpd_files(sdev.dir, sdev)
         _class_device(sdev.dir, sdev.name, self.bus.device_class)
@@ -440,13 +441,24 @@ class ScsiHost:
         background."""
         if self.nursery is not None and sdev.state == "running":
             sdev.state = "offline"
-            self.nursery.start_soon(self.remove_device, sdev)
+            self.nursery.start_soon(self._background, self.remove_device, sdev)
 
     def rescan_device_soon(self, sdev: ScsiDevice) -> None:
         """The driver saw the device change (``storvsc_device_scan``): rescan it in the
         background."""
         if self.nursery is not None:
-            self.nursery.start_soon(self.rescan_device, sdev)
+            self.nursery.start_soon(self._background, self.rescan_device, sdev)
+
+    @staticmethod
+    async def _background(work: Callable[[ScsiDevice], Awaitable[None]],
+                          sdev: ScsiDevice) -> None:
+        """Work the driver queued for a device: a failure is logged, as a work item's
+        is, and never ends the nursery (the controller) it runs in."""
+        try:
+            await work(sdev)
+        except OSError as e:
+            log.warning("%s: %s failed: %s", sdev.name, work.__name__.replace("_device", ""),
+                        e)
 
     async def rescan_device(self, sdev: ScsiDevice) -> None:
         """``scsi_rescan_device``: the VPD pages and sd's view of the disk again."""

@@ -562,3 +562,29 @@ async def test_a_failed_background_rescan_leaves_the_controller_running(
         assert not rig.ctrl.broken and rig.ctrl.host is host
         await rig.disk().write(0, b"still" * 100)
         assert await rig.disk().read(0, 500) == b"still" * 100
+
+
+async def test_a_vpd_page_longer_than_an_inquiry_can_ask_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose VPD page header claims 0xFFFF bytes: the page and its header are more
+    than INQUIRY's 16-bit allocation length can ask for (SPC-3 §6.4.1), so the scan asks for
+    65535 and keeps what comes; the device is added and the scan goes on."""
+    from backends.scsi import disk as host_disk
+
+    real = host_disk.ScsiDisk._inquiry
+
+    def inquiry(d: ScsiDisk, cdb: bytes, buf: object) -> object:
+        if cdb[1] & 1 and cdb[2] == 0x80:
+            asked = struct.unpack_from(">H", cdb, 3)[0]
+            page = bytes((0, 0x80, 0xFF, 0xFF)) + b"S" * 0xFFFF
+            return d._answer(buf, page[:asked])            # type: ignore[arg-type]
+        return real(d, cdb, buf)                           # type: ignore[arg-type]
+
+    monkeypatch.setitem(host_disk._CONTROL, 0x12, inquiry)
+    async with storvsc_machine(tmp_path, [{"lun": 0, "size": "16M"},
+                                          {"lun": 1, "size": "16M"}]) as rig:
+        host = rig.ctrl.host
+        assert host is not None and set(host.devices) == {(0, 0, 0), (0, 0, 1)}
+        pg80 = rig.tree.resolve(f"{SDEV}/vpd_pg80")
+        assert isinstance(pg80, BinAttribute) and pg80.length == 0xFFFF
+        assert rig.read(f"{SDEV}/vendor") == "Msft    \n"

@@ -301,7 +301,9 @@ class ScsiHost:
         head = await self._inquire(sdev, page, 4)
         if head is None or len(head) < 4 or head[1] != page:
             return None
-        length = struct.unpack_from(">H", head, 2)[0] + 4
+        # the page's length plus its header, but no more than an INQUIRY can ask for (the
+        # allocation length is 16 bits; a page that claims 0xFFFF bytes is cut there)
+        length = min(struct.unpack_from(">H", head, 2)[0] + 4, 0xFFFF)
         data = await self._inquire(sdev, page, length)
         if data is None or len(data) < 4 or data[1] != page:
             return None

@@ -588,3 +588,81 @@ async def test_a_vpd_page_longer_than_an_inquiry_can_ask_for(
         pg80 = rig.tree.resolve(f"{SDEV}/vpd_pg80")
         assert isinstance(pg80, BinAttribute) and pg80.length == 0xFFFF
         assert rig.read(f"{SDEV}/vendor") == "Msft    \n"
+
+
+async def test_number_attributes_take_ascii_numbers_only(tmp_path: Path) -> None:
+    """The numeric stores parse as Linux's do (scsi_sysfs.c, sd.c, lib/kstrtox.c): ASCII
+    digits only (a Unicode digit such as '²' or '١' is not one: EINVAL, nothing changed,
+    never an EIO from a failed conversion); kstrtouint's ERANGE above 2^32 - 1
+    (eh_timeout, max_medium_access_timeouts), EINVAL where the store maps every error to it
+    (queue_ramp_up_period; eh_deadline past UINT_MAX jiffies at the default HZ of 250);
+    queue_depth as simple_strtoul(buf, NULL, 0) reads it, so 0x10 is 16; the disk's discard
+    control takes byte counts in ASCII digits. Then thousands of
+    arbitrary byte strings: each is taken or refused with EINVAL/ERANGE, and a refusal
+    changes nothing."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    shost = f"{DEVICE_DIR}/host0/scsi_host/host0"
+    sdisk = f"{SDEV}/scsi_disk/0:0:0:0"
+    async with storvsc_machine(tmp_path) as rig:
+        def write(path: str, data: bytes) -> int:
+            node = rig.tree.resolve(path)
+            assert isinstance(node, Attribute)
+            try:
+                out = node.write(data)
+                assert out is None
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        for name in ("queue_depth", "timeout", "eh_timeout", "queue_ramp_up_period"):
+            before = rig.read(f"{SDEV}/{name}")
+            for bad in ("²", "١٢", "1²", "½"):
+                assert write(f"{SDEV}/{name}", bad.encode()) == errno.EINVAL, (name, bad)
+            assert rig.read(f"{SDEV}/{name}") == before
+        assert write(f"{SDEV}/eh_timeout", b"4294967295\n") == 0
+        assert rig.read(f"{SDEV}/eh_timeout") == "4294967295\n"
+        assert write(f"{SDEV}/eh_timeout", b"4294967296") == errno.ERANGE
+        assert write(f"{SDEV}/eh_timeout", b"9" * 5000) == errno.ERANGE
+        assert write(f"{SDEV}/eh_timeout", b"+7") == 0 and rig.read(f"{SDEV}/eh_timeout") == "7\n"
+        assert write(f"{SDEV}/queue_ramp_up_period", b"4294967296") == errno.EINVAL
+        assert write(f"{SDEV}/queue_depth", b"0x10") == 0
+        assert rig.read(f"{SDEV}/queue_depth") == "16\n"
+        assert write(f"{shost}/eh_deadline", b"17179869") == 0            # 4294967250 jiffies
+        assert write(f"{shost}/eh_deadline", b"17179870") == errno.EINVAL
+        assert write(f"{shost}/eh_deadline", "³".encode()) == errno.EINVAL
+        assert rig.read(f"{shost}/eh_deadline") == "17179869\n"
+        assert write(f"{sdisk}/max_medium_access_timeouts", b"4294967296") == errno.ERANGE
+        assert write(f"{sdisk}/max_retries", "٣".encode()) == errno.EINVAL
+        assert write(f"{sdisk}/max_retries", b"-1\n") == 0
+        assert rig.read(f"{sdisk}/max_retries") == "-1\n"
+        discard = rig.tree.resolve(".vbusfs/block/sda/discard")
+        assert isinstance(discard, Attribute)
+        with pytest.raises(OSError) as e:
+            await discard.write("0 ٤٠٩٦".encode())      # type: ignore[misc]
+        assert e.value.errno == errno.EINVAL
+
+        targets = [f"{SDEV}/{n}" for n in ("queue_depth", "timeout", "eh_timeout",
+                                             "queue_ramp_up_period", "state")] + \
+            [f"{shost}/eh_deadline", f"{sdisk}/max_medium_access_timeouts",
+             f"{sdisk}/max_retries"]
+        text = st.text(alphabet=st.sampled_from("0123456789+-x \n\0²١٣½abOFfrunig"),
+                       max_size=24).map(str.encode)
+
+        @settings(max_examples=3000, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.sampled_from(targets), st.one_of(st.binary(max_size=24), text))
+        def fuzz(path: str, data: bytes) -> None:
+            before = rig.read(path)
+            err = write(path, data)
+            assert err in (0, errno.EINVAL, errno.ERANGE), (path, data, err)
+            after = rig.read(path)
+            if err:
+                assert after == before, (path, data)
+            else:
+                assert after.isascii() and after.endswith("\n")
+
+        fuzz()
+        write(f"{SDEV}/state", b"running\n")
+        assert await rig.disk().read(0, 512) == bytes(512)

@@ -458,3 +458,211 @@ async def test_unanswered_command_keeps_its_tag_and_pages_until_the_answer(
         rig.storvsp._interrupt()                               # published
         await trio.testing.wait_all_tasks_blocked()
         assert ctrl.host_busy() == 0 and taken() == before
+
+
+async def test_srb_status_codes_are_compared_whole(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """storvsc_handle_error switches on SRB_STATUS(srb_status), the low six bits (reference
+    §4.5): ERROR, ABORTED, INVALID_REQUEST and INTERNAL_ERROR with autosense and capacity
+    changed (2A/09) or operating conditions changed (3F, but not 03 or 0E) are requeued and
+    the device rescanned; without autosense they are DID_ERROR; INVALID_LUN (0x20) alone
+    removes the LUN, so INTERNAL_ERROR (0x30), INVALID_TARGET_ID (0x21) and BAD_FUNCTION
+    (0x22), which share its bit, do not."""
+    from vbusfs.drivers.scsi.device import Direction, ScsiRequest
+    from vbusfs.drivers.vmbus.storvsc import _Slot
+
+    def completion(srb_status: int, scsi_status: int, sense: bytes = b"") -> bytes:
+        return struct.pack("<III", 1, 0, 0) + struct.pack(
+            "<HBBBBBBBBBBI20s", 0x34, srb_status, scsi_status, 0, 0, 0, 0, 16, 0x14, 0, 0,
+            0, sense) + bytes(16)
+
+    def sense(key: int, asc: int, ascq: int) -> bytes:
+        return bytes((0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
+
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        sdev = host.devices[(0, 0, 0)]
+        rescanned: list[object] = []
+        monkeypatch.setattr(host, "rescan_device_soon", rescanned.append)
+
+        def decode(payload: bytes, op: int = 0x28) -> CmdResult:
+            req = ScsiRequest(bytes((op,)) + bytes(9), Direction.FROM_DEVICE, 512, [])
+            return rig.ctrl._decode(_Slot(sdev, req), payload)
+
+        capacity = sense(0x06, 0x2A, 0x09)
+        for code in (0x04, 0x02, 0x06, 0x30):
+            r = decode(completion(code | 0x80, 2, capacity))
+            assert r.host == HostByte.DID_REQUEUE and decide(r) == RETRY, hex(code)
+            r = decode(completion(code, 2))
+            assert r.host == HostByte.DID_ERROR and decide(r) == errno.EIO, hex(code)
+            assert decode(completion(code, 2), op=0x00).host == HostByte.DID_OK   # TUR
+        assert rescanned == [sdev] * 4
+        r = decode(completion(0x84, 2, sense(0x06, 0x3F, 0x05)))
+        assert r.host == HostByte.DID_REQUEUE
+        for ascq in (0x03, 0x0E):                       # left to the midlayer
+            assert decode(completion(0x84, 2, sense(0x06, 0x3F, ascq))).host == \
+                HostByte.DID_OK
+        for code in (0x30, 0x21, 0x22, 0x12 | 0x20):
+            decode(completion(code, 2))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sdev.state == "running" and (0, 0, 0) in host.devices, hex(code)
+        assert decode(completion(0x20, 2)).host == HostByte.DID_NO_CONNECT
+        await trio.testing.wait_all_tasks_blocked()
+        assert (0, 0, 0) not in host.devices
+
+
+async def test_concurrent_deletes_remove_the_device_once(tmp_path: Path) -> None:
+    """Two writes to ``delete`` at once (Linux serializes scsi_remove_device; the second
+    finds the device deleted and returns), and the driver's removal of a LUN it saw vanish
+    racing a host rescan's: each returns once the device is gone, none fails."""
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        node = rig.tree.resolve(f"{SDEV}/delete")
+        assert isinstance(node, Attribute)
+
+        async def delete() -> None:
+            await node.write(b"1\n")                  # type: ignore[misc]
+            assert (0, 0, 0) not in host.devices
+
+        async with trio.open_nursery() as n:
+            n.start_soon(delete)
+            n.start_soon(delete)
+        assert "0:0:0:0" not in rig.tree.resolve("sys/bus/scsi/devices").children
+        assert "sda" not in rig.tree.resolve("dev").children
+        await host.scan()
+        sdev = host.devices[(0, 0, 0)]
+        async with trio.open_nursery() as n:
+            host.lun_gone(sdev)
+            n.start_soon(host.remove_device, sdev)
+        assert not host.devices and not host.targets
+        await host.scan()
+        assert await rig.disk().read(0, 512) == bytes(512)
+
+
+async def test_a_failed_background_rescan_leaves_the_controller_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: Logs) -> None:
+    """A capacity change makes storvsc rescan the device in the background (reference
+    §4.5); when READ CAPACITY then fails (here: a medium error) the rescan fails and says
+    so in the log, as a work item of the driver does; the controller and its disks go on
+    (Linux's scsi_rescan_device returns nothing to fail with)."""
+    from backends.scsi import disk as host_disk
+
+    logs.expect(r"0:0:0:0: rescan failed: .*READ CAPACITY failed")
+    async with storvsc_machine(tmp_path) as rig:
+        host = rig.ctrl.host
+        assert host is not None
+        medium = host_disk._MEDIUM_ERROR
+        monkeypatch.setitem(host_disk._CONTROL, 0x25, lambda d, c, b: medium)
+        monkeypatch.setitem(host_disk._CONTROL, 0x9E, lambda d, c, b: medium)
+        host.rescan_device_soon(host.devices[(0, 0, 0)])
+        await trio.testing.wait_all_tasks_blocked()
+        monkeypatch.undo()
+        assert not rig.ctrl.broken and rig.ctrl.host is host
+        await rig.disk().write(0, b"still" * 100)
+        assert await rig.disk().read(0, 500) == b"still" * 100
+
+
+async def test_a_vpd_page_longer_than_an_inquiry_can_ask_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose VPD page header claims 0xFFFF bytes: the page and its header are more
+    than INQUIRY's 16-bit allocation length can ask for (SPC-3 §6.4.1), so the scan asks for
+    65535 and keeps what comes; the device is added and the scan goes on."""
+    from backends.scsi import disk as host_disk
+
+    real = host_disk.ScsiDisk._inquiry
+
+    def inquiry(d: ScsiDisk, cdb: bytes, buf: object) -> object:
+        if cdb[1] & 1 and cdb[2] == 0x80:
+            asked = struct.unpack_from(">H", cdb, 3)[0]
+            page = bytes((0, 0x80, 0xFF, 0xFF)) + b"S" * 0xFFFF
+            return d._answer(buf, page[:asked])            # type: ignore[arg-type]
+        return real(d, cdb, buf)                           # type: ignore[arg-type]
+
+    monkeypatch.setitem(host_disk._CONTROL, 0x12, inquiry)
+    async with storvsc_machine(tmp_path, [{"lun": 0, "size": "16M"},
+                                          {"lun": 1, "size": "16M"}]) as rig:
+        host = rig.ctrl.host
+        assert host is not None and set(host.devices) == {(0, 0, 0), (0, 0, 1)}
+        pg80 = rig.tree.resolve(f"{SDEV}/vpd_pg80")
+        assert isinstance(pg80, BinAttribute) and pg80.length == 0xFFFF
+        assert rig.read(f"{SDEV}/vendor") == "Msft    \n"
+
+
+async def test_number_attributes_take_ascii_numbers_only(tmp_path: Path) -> None:
+    """The numeric stores parse as Linux's do (scsi_sysfs.c, sd.c, lib/kstrtox.c): ASCII
+    digits only (a Unicode digit such as '²' or '١' is not one: EINVAL, nothing changed,
+    never an EIO from a failed conversion); kstrtouint's ERANGE above 2^32 - 1
+    (eh_timeout, max_medium_access_timeouts), EINVAL where the store maps every error to it
+    (queue_ramp_up_period; eh_deadline past UINT_MAX jiffies at the default HZ of 250);
+    queue_depth as simple_strtoul(buf, NULL, 0) reads it, so 0x10 is 16; the disk's discard
+    control takes byte counts in ASCII digits. Then thousands of
+    arbitrary byte strings: each is taken or refused with EINVAL/ERANGE, and a refusal
+    changes nothing."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    shost = f"{DEVICE_DIR}/host0/scsi_host/host0"
+    sdisk = f"{SDEV}/scsi_disk/0:0:0:0"
+    async with storvsc_machine(tmp_path) as rig:
+        def write(path: str, data: bytes) -> int:
+            node = rig.tree.resolve(path)
+            assert isinstance(node, Attribute)
+            try:
+                out = node.write(data)
+                assert out is None
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        for name in ("queue_depth", "timeout", "eh_timeout", "queue_ramp_up_period"):
+            before = rig.read(f"{SDEV}/{name}")
+            for bad in ("²", "١٢", "1²", "½"):
+                assert write(f"{SDEV}/{name}", bad.encode()) == errno.EINVAL, (name, bad)
+            assert rig.read(f"{SDEV}/{name}") == before
+        assert write(f"{SDEV}/eh_timeout", b"4294967295\n") == 0
+        assert rig.read(f"{SDEV}/eh_timeout") == "4294967295\n"
+        assert write(f"{SDEV}/eh_timeout", b"4294967296") == errno.ERANGE
+        assert write(f"{SDEV}/eh_timeout", b"9" * 5000) == errno.ERANGE
+        assert write(f"{SDEV}/eh_timeout", b"+7") == 0 and rig.read(f"{SDEV}/eh_timeout") == "7\n"
+        assert write(f"{SDEV}/queue_ramp_up_period", b"4294967296") == errno.EINVAL
+        assert write(f"{SDEV}/queue_depth", b"0x10") == 0
+        assert rig.read(f"{SDEV}/queue_depth") == "16\n"
+        assert write(f"{shost}/eh_deadline", b"17179869") == 0            # 4294967250 jiffies
+        assert write(f"{shost}/eh_deadline", b"17179870") == errno.EINVAL
+        assert write(f"{shost}/eh_deadline", "³".encode()) == errno.EINVAL
+        assert rig.read(f"{shost}/eh_deadline") == "17179869\n"
+        assert write(f"{sdisk}/max_medium_access_timeouts", b"4294967296") == errno.ERANGE
+        assert write(f"{sdisk}/max_retries", "٣".encode()) == errno.EINVAL
+        assert write(f"{sdisk}/max_retries", b"-1\n") == 0
+        assert rig.read(f"{sdisk}/max_retries") == "-1\n"
+        discard = rig.tree.resolve(".vbusfs/block/sda/discard")
+        assert isinstance(discard, Attribute)
+        with pytest.raises(OSError) as e:
+            await discard.write("0 ٤٠٩٦".encode())      # type: ignore[misc]
+        assert e.value.errno == errno.EINVAL
+
+        targets = [f"{SDEV}/{n}" for n in ("queue_depth", "timeout", "eh_timeout",
+                                             "queue_ramp_up_period", "state")] + \
+            [f"{shost}/eh_deadline", f"{sdisk}/max_medium_access_timeouts",
+             f"{sdisk}/max_retries"]
+        text = st.text(alphabet=st.sampled_from("0123456789+-x \n\0²١٣½abOFfrunig"),
+                       max_size=24).map(str.encode)
+
+        @settings(max_examples=3000, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.sampled_from(targets), st.one_of(st.binary(max_size=24), text))
+        def fuzz(path: str, data: bytes) -> None:
+            before = rig.read(path)
+            err = write(path, data)
+            assert err in (0, errno.EINVAL, errno.ERANGE), (path, data, err)
+            after = rig.read(path)
+            if err:
+                assert after == before, (path, data)
+            else:
+                assert after.isascii() and after.endswith("\n")
+
+        fuzz()
+        write(f"{SDEV}/state", b"running\n")
+        assert await rig.disk().read(0, 512) == bytes(512)

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import Logs
 from tests.storvsp_harness import DISK_ID, Answer, Harness, params, storvsp_channel
@@ -375,3 +376,61 @@ async def test_hot_add_and_remove_send_enumerate_bus(tmp_path: Path, image: Path
         assert a.operation == 11
         check(await ask(h, bytes(6), lun=3), SRB_INVALID_LUN, CHECK_CONDITION,
               DEVICE_DOES_NOT_EXIST)
+
+
+async def test_a_guest_cannot_queue_unbounded_work_behind_a_busy_disk(image: Path) -> None:
+    """While a disk's I/O thread is busy, a guest that keeps posting UNMAPs of 4095
+    descriptors each (all a parameter list can carry) must not make the host hold an unbounded
+    number of image requests: the host stops taking packets off the ring at a bound (as
+    OpenVMM's storvsp stops at its I/O queue depth), the ring fills, and what waits there
+    is served once the disk moves again, every request answered once."""
+    from backends.storage.worker import IoWorker
+    from vbusfs.platform.memory import PAGE_SIZE
+
+    image.write_bytes(bytes(1 << 20))
+    held: list[tuple[object, ...]] = []
+    real_submit = IoWorker.submit
+
+    def hold(self: IoWorker, fn: object, args: object, report: object) -> None:
+        held.append((self, fn, args, report))
+
+    descriptors = 4095                  # the most a 16-bit parameter list holds
+    alloc = 8 + 16 * descriptors
+    async with storvsp_channel({0: params(image)}) as h:
+        await h.init()
+        model = h.model
+        disk = model.luns[0]
+        params_list = bytearray(struct.pack(">HH4x", alloc - 2, alloc - 8))
+        for i in range(descriptors):
+            params_list += struct.pack(">QI4x", i % 2048, 1)
+        h.data(0, 16)[:alloc] = params_list
+        cdb = struct.pack(">BB4xBHB", 0x42, 0, 0, alloc, 0)
+        srb = sv.Srb(cdb_length=10, data_in=0, data_transfer_length=alloc, cdb=cdb)
+        payload = sv.pack_packet(sv.Operation.EXECUTE_SRB, srb.pack(), flags=1)
+        ext = pack_gpa_direct([GpaRange(alloc, 0, tuple(range(h.data_pfn,
+                                                               h.data_pfn + 16)))])
+        IoWorker.submit = hold                      # type: ignore[method-assign]
+        sent = most = 0
+        try:
+            for _ in range(40):
+                written, _ = h.to_host.write(PacketType.DATA_USING_GPA_DIRECT, 1, sent + 1,
+                                             payload, ext)
+                if not written:
+                    break
+                sent += 1
+                h.chan.doorbell.ring()
+                await trio.sleep(0)
+                most = max(most, sum(len(q) for q in model._queues.values()))
+            busy = disk.executor is not None and disk.executor.busy
+        finally:
+            IoWorker.submit = real_submit           # type: ignore[method-assign]
+            for w, fn, args, report in held:       # the disk moves again
+                real_submit(w, fn, args, report)  # type: ignore[arg-type]
+            held.clear()
+        assert busy and most <= 4 * descriptors + 2048, most
+        # everything sent is answered, once each
+        answers = await h.answers(sent, timeout=60)
+        assert sorted(a.trans_id for a in answers) == list(range(1, sent + 1))
+        assert all(a.srb.srb_status == SRB_SUCCESS for a in answers)
+        check(await ask(h, cdb10(0x00)), SRB_SUCCESS, 0, SUCCESS)
+        assert PAGE_SIZE == 4096

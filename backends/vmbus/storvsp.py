@@ -67,11 +67,16 @@ from vbusfs.protocols.vmbus.storvsc import NtStatus, Operation, ProtocolVersion,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Storvsp", "HOST_VERSIONS", "MAX_TRANSFER", "disk_params"]
+__all__ = ["Storvsp", "HOST_VERSIONS", "MAX_TRANSFER", "MAX_QUEUED", "disk_params"]
 
 #: the versions OpenVMM's storvsp accepts (it refuses WIN10 with REVISION_MISMATCH)
 HOST_VERSIONS = (ProtocolVersion.WIN8_1, ProtocolVersion.WIN8, ProtocolVersion.WIN7,
                  ProtocolVersion.WIN6)
+#: image requests a controller holds (waiting or running) before it leaves packets on the
+#: ring; one packet may add up to 4095 (an UNMAP's descriptors) past it
+MAX_QUEUED = 4096
+#: packets read off the ring at a time
+_POLL_BATCH = 64
 #: QUERY_PROPERTIES max_transfer_bytes (OpenVMM: 256 KiB; the real Hyper-V value is [U])
 MAX_TRANSFER = 0x40000
 
@@ -152,6 +157,9 @@ class Storvsp:
         self._queues: dict[ScsiDisk, collections.deque[DiskRequest]] = {}
         self._dirty: set[ScsiDisk] = set()            # disks whose queue got requests
         self._in_handler = False
+        self._queued = 0                   # image requests taken off the ring, not yet done
+        self._backlog: collections.deque[Packet] = collections.deque()   # read, not handled
+        self._throttled = False            # packets left on the ring for want of room
         self.broken = False
         # counters for tests and diagnostics
         self.packets = 0
@@ -228,7 +236,10 @@ class Storvsp:
             bell.handler = None
             self._chan = self._ep = None
             for q in self._queues.values():
+                self._queued -= len(q)         # never run: no answer, no _done
                 q.clear()
+            self._backlog.clear()
+            self._throttled = False
 
     def _request_size(self) -> int:
         """The SRB size of the negotiated version (OpenVMM ``max_request_size``)."""
@@ -248,8 +259,7 @@ class Storvsp:
             # signals; the doorbell runs this handler again for that (poll left the read
             # index published and interrupts unmasked).
             if self._flush_outbox():
-                for pkt in ep.poll():
-                    self._handle(pkt)
+                self._take(ep)
                 self._submit_all()
             ep.flush_signal()
         except ChannelBroken:
@@ -257,6 +267,28 @@ class Storvsp:
         finally:
             self._in_handler = False
         return True
+
+    def _take(self, ep: RingEndpoint) -> None:
+        """Take packets off the ring while fewer than :data:`MAX_QUEUED` image requests
+        wait or run; past that the rest stays where it is (a few packets already read in
+        the backlog, the others on the ring, which the guest then finds full) until
+        requests finish, as OpenVMM's storvsp stops reading at its I/O queue depth."""
+        self._throttled = False
+        more = True
+        while True:
+            while self._backlog:
+                if self._queued >= MAX_QUEUED:
+                    self._throttled = True
+                    return
+                self._handle(self._backlog.popleft())
+            if not more:
+                return
+            if self._queued >= MAX_QUEUED:
+                self._throttled = True
+                return
+            pkts = ep.poll(_POLL_BATCH)
+            self._backlog.extend(pkts)
+            more = len(pkts) == _POLL_BATCH
 
     def _write(self, ptype: int, trans_id: int, payload: bytes) -> None:
         ep = self._ep
@@ -464,6 +496,7 @@ class Storvsp:
                 if q is None:
                     q = self._queues[disk] = collections.deque()
                 q.extend(out.requests)
+                self._queued += len(out.requests)
                 self._dirty.add(disk)
                 return
             result = out
@@ -525,6 +558,7 @@ class Storvsp:
         """The executor finished ``reqs`` (inline, or back from the I/O thread): answer the
         commands they complete; out of the handler, publish and start what waited."""
         disks = set()
+        self._queued -= len(reqs)
         for req in reqs:
             pc = req.owner
             assert pc is not None
@@ -537,6 +571,10 @@ class Storvsp:
             return
         ep = self._ep
         if ep is None:
+            return
+        if self._throttled and self._queued < MAX_QUEUED:
+            self._dirty |= disks
+            self._interrupt()                  # take what waited on the ring
             return
         try:
             self._flush_outbox()

@@ -395,7 +395,7 @@ def add_disk(tree: Tree, parent: Directory, disk: Disk, control: Directory | Non
 
         async def store_discard(text: str) -> None:
             parts = text.split()
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            if len(parts) != 2 or not all(p.isascii() and p.isdigit() for p in parts):
                 raise OSError(errno.EINVAL, "discard takes 'OFFSET LENGTH' in bytes")
             await disk.discard(int(parts[0]), int(parts[1]))
 

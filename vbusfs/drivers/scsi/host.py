@@ -33,7 +33,7 @@ from __future__ import annotations
 import errno
 import logging
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -229,6 +229,7 @@ class ScsiHost:
         self.devices: dict[tuple[int, int, int], ScsiDevice] = {}
         self.targets: dict[tuple[int, int], Directory] = {}
         self._lock = trio.Lock()                 # shost->scan_mutex
+        self._removing: dict[tuple[int, int, int], trio.Event] = {}
         #: where the host's background work (removals) runs; the driver sets it
         self.nursery: trio.Nursery | None = None
         self.dir = parent.mkdir(self.name)
@@ -300,7 +301,9 @@ class ScsiHost:
         head = await self._inquire(sdev, page, 4)
         if head is None or len(head) < 4 or head[1] != page:
             return None
-        length = struct.unpack_from(">H", head, 2)[0] + 4
+        # the page's length plus its header, but no more than an INQUIRY can ask for (the
+        # allocation length is 16 bits; a page that claims 0xFFFF bytes is cut there)
+        length = min(struct.unpack_from(">H", head, 2)[0] + 4, 0xFFFF)
         data = await self._inquire(sdev, page, length)
         if data is None or len(data) < 4 or data[1] != page:
             return None
@@ -393,7 +396,8 @@ class ScsiHost:
 
         self.bus.sysfs.add_device(sdev.dir, uevent)
         add_group(sdev.dir, sdev, scsi_sysfs.SDEV_GROUP)
-        sdev.dir.add(Attribute("rescan", None, lambda _t: self.rescan_device(sdev)))
+        sdev.dir.add(Attribute("rescan", None,
+                               lambda _t: self._background(self.rescan_device, sdev)))
         sdev.dir.add(Attribute("delete", None, lambda _t: self.remove_device(sdev)))
         scsi_sysfs.add_vpd_files(sdev.dir, sdev)
         _class_device(sdev.dir, sdev.name, self.bus.device_class)
@@ -409,27 +413,54 @@ class ScsiHost:
     # -- removal and rescan --------------------------------------------------------------------
     async def remove_device(self, sdev: ScsiDevice) -> None:
         """``__scsi_remove_device``: the disk first, then the directories; the target goes
-        with its last device."""
+        with its last device. A removal already under way (a second ``delete``, the
+        driver's and a rescan's) is waited for, not done twice."""
         key = (sdev.channel, sdev.id, sdev.lun)
         if self.devices.get(key) is not sdev:
             return
-        await self.bus.sd_remove(sdev)       # a running device's cache is flushed first
-        sdev.state = "cancel"
-        del self.devices[key]
-        self.bus._sdevs.pop(sdev.name, None)
-        _drop(self.bus.device_class, sdev.name)
-        self.bus.sysfs.remove_device(sdev.name)
-        sdev.state = "deleted"
-        if not any((c, t) == key[:2] for c, t, _ in self.devices):
-            tdir = self.targets.pop(key[:2])
-            self.bus.sysfs.remove_device(tdir.name)
+        going = self._removing.get(key)
+        if going is not None:
+            await going.wait()
+            return
+        going = self._removing[key] = trio.Event()
+        try:
+            await self.bus.sd_remove(sdev)   # a running device's cache is flushed first
+            sdev.state = "cancel"
+            del self.devices[key]
+            self.bus._sdevs.pop(sdev.name, None)
+            _drop(self.bus.device_class, sdev.name)
+            self.bus.sysfs.remove_device(sdev.name)
+            sdev.state = "deleted"
+            if not any((c, t) == key[:2] for c, t, _ in self.devices):
+                tdir = self.targets.pop(key[:2])
+                self.bus.sysfs.remove_device(tdir.name)
+        finally:
+            del self._removing[key]
+            going.set()
 
     def lun_gone(self, sdev: ScsiDevice) -> None:
         """The driver saw the LUN vanish (``storvsc_remove_lun``): remove it in the
         background."""
         if self.nursery is not None and sdev.state == "running":
             sdev.state = "offline"
-            self.nursery.start_soon(self.remove_device, sdev)
+            self.nursery.start_soon(self._background, self.remove_device, sdev)
+
+    def rescan_device_soon(self, sdev: ScsiDevice) -> None:
+        """The driver saw the device change (``storvsc_device_scan``): rescan it in the
+        background."""
+        if self.nursery is not None:
+            self.nursery.start_soon(self._background, self.rescan_device, sdev)
+
+    @staticmethod
+    async def _background(work: Callable[[ScsiDevice], Awaitable[None]],
+                          sdev: ScsiDevice) -> None:
+        """Work the driver queued for a device: a failure is logged, as a work item's
+        is, and never ends the nursery (the controller) it runs in."""
+        try:
+            await work(sdev)
+        except OSError as e:
+            log.warning("%s: %s failed: %s", sdev.name, work.__name__.replace("_device", ""),
+                        e)
 
     async def rescan_device(self, sdev: ScsiDevice) -> None:
         """``scsi_rescan_device``: the VPD pages and sd's view of the disk again."""

@@ -11,6 +11,7 @@ store takes the value the attribute already has and refuses any other with EINVA
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -18,7 +19,7 @@ from vbusfs.drivers.scsi.device import ScsiDevice
 from vbusfs.drivers.scsi.sd import SdDisk
 from vbusfs.protocols import scsi
 from vbusfs.sysfs import Attr, BinAttribute, Directory, Group
-from vbusfs.sysfs.driver_core import sysfs_bool
+from vbusfs.sysfs.driver_core import kstrtoul, sysfs_bool
 
 __all__ = ["HostView", "SHOST_GROUP", "SDEV_GROUP", "SD_DISK_GROUP", "add_vpd_files",
            "wwid", "SDEV_STATES"]
@@ -54,11 +55,32 @@ class HostView(Protocol):
     def scan_store(self, text: str) -> Awaitable[None]: ...
 
 
-def _uint(text: str) -> int:
-    t = text.strip()
-    if not t.isdigit():
-        raise OSError(errno.EINVAL, f"not an unsigned number: {t!r}")
-    return int(t)
+#: kstrtouint(buf, 10, ...)'s syntax: an optional '+', ASCII digits, one newline at most
+_DECIMAL = re.compile(r"\+?([0-9]+)\n?")
+UINT_MAX = 0xFFFFFFFF
+#: CONFIG_HZ's default (kernel/Kconfig.hz): eh_deadline is kept in jiffies
+HZ = 250
+
+
+def _uint(text: str, limit: int = UINT_MAX) -> int:
+    """``kstrtouint(buf, 10, ...)`` (``kstrtoul`` with ``limit`` 2^64 - 1): EINVAL for
+    anything but ASCII decimal digits (no Unicode digits, no spaces), ERANGE above
+    ``limit``. Like the C string it reads, the text ends at a NUL."""
+    m = _DECIMAL.fullmatch(text.split("\0", 1)[0])
+    if m is None:
+        raise OSError(errno.EINVAL, f"not an unsigned decimal number: {text.strip()!r}")
+    digits = m[1].lstrip("0") or "0"
+    if len(digits) > 20 or int(digits) > limit:         # (no 4300-digit int() either)
+        raise OSError(errno.ERANGE, f"{digits[:24]} is out of range")
+    return int(digits)
+
+
+def _uint_einval(text: str, limit: int = UINT_MAX) -> int:
+    """:func:`_uint` for stores that answer every parse failure with EINVAL."""
+    try:
+        return _uint(text, limit)
+    except OSError as e:
+        raise OSError(errno.EINVAL, e.strerror) from None
 
 
 def _store_hstate(h: HostView, text: str) -> None:
@@ -77,10 +99,15 @@ def _store_host_reset(h: HostView, text: str) -> None:
 
 
 def _store_eh_deadline(h: HostView, text: str) -> None:
+    """``store_shost_eh_deadline``: "off", or seconds (kstrtoul) whose jiffies fit in an
+    unsigned int (EINVAL otherwise)."""
     if text.startswith("off"):
         h.eh_deadline = None
         return
-    h.eh_deadline = _uint(text)
+    deadline = _uint(text, 2**64 - 1)
+    if deadline * HZ > UINT_MAX:
+        raise OSError(errno.EINVAL, f"eh_deadline of {deadline} s is too long")
+    h.eh_deadline = deadline
 
 
 def _no_store(_h: object, _text: str) -> None:
@@ -156,10 +183,12 @@ def _store_state(s: ScsiDevice, text: str) -> None:
 
 
 def _store_timeout(s: ScsiDevice, text: str) -> None:
-    t = text.strip()
-    if not t.isdigit() or int(t) > 0x7FFFFFFF // 1000:
-        raise OSError(errno.EINVAL, f"not a timeout in seconds: {t!r}")
-    s.timeout = int(t)
+    """Seconds; what Linux's sscanf would not read as a number, or one whose jiffies do not
+    fit in an int, is EINVAL here (Linux would keep garbage)."""
+    t = _uint_einval(text.lstrip(" \t"))
+    if t > 0x7FFFFFFF // 1000:
+        raise OSError(errno.EINVAL, f"not a timeout in seconds: {t}")
+    s.timeout = t
 
 
 def _store_eh_timeout(s: ScsiDevice, text: str) -> None:
@@ -169,7 +198,10 @@ def _store_eh_timeout(s: ScsiDevice, text: str) -> None:
 def _store_queue_depth(s: ScsiDevice, text: str) -> None:
     """``sdev_store_queue_depth``: 1..can_queue (storvsc changes depth with
     ``scsi_change_queue_depth``)."""
-    depth = _uint(text)
+    try:
+        depth = kstrtoul(text.strip(" \t"))       # simple_strtoul(buf, NULL, 0)
+    except OSError:
+        raise OSError(errno.EINVAL, f"not a queue depth: {text.strip()!r}") from None
     if not 1 <= depth <= s.adapter.can_queue:
         raise OSError(errno.EINVAL, f"queue_depth must be between 1 and "
                       f"{s.adapter.can_queue}")
@@ -183,7 +215,7 @@ def _store_queue_type(s: ScsiDevice, text: str) -> None:
 
 
 def _store_ramp(s: ScsiDevice, text: str) -> None:
-    s.queue_ramp_up_period = _uint(text)
+    s.queue_ramp_up_period = _uint_einval(text)
 
 
 def _store_dh_state(s: ScsiDevice, text: str) -> None:
@@ -276,12 +308,12 @@ def _store_timeouts(sd: SdDisk, text: str) -> None:
 
 
 def _store_retries(sd: SdDisk, text: str) -> None:
-    """-1 (no limit) to SD_MAX_RETRIES (5)."""
-    t = text.strip()
-    try:
-        v = int(t, 10)
-    except ValueError:
-        raise OSError(errno.EINVAL, f"not a number: {t!r}") from None
+    """``max_retries_store``: kstrtoint(buf, 10), then -1 (no limit) to SD_MAX_RETRIES."""
+    m = re.fullmatch(r"([+-]?)([0-9]+)\n?", text.split("\0", 1)[0])
+    if m is None:
+        raise OSError(errno.EINVAL, f"not a number: {text.strip()!r}")
+    v = _uint(m[2], 0x7FFFFFFF + (m[1] == "-"))
+    v = -v if m[1] == "-" else v
     if not -1 <= v <= 5:
         raise OSError(errno.EINVAL, "max_retries must be between -1 and 5")
     sd.max_retries = v

@@ -131,6 +131,9 @@ _TAGGED_FLAGS = (sv.SrbFlags.QUEUE_ACTION_ENABLE | sv.SrbFlags.NO_QUEUE_FREEZE).
 #: sent skipped)
 _REPLY = struct.Struct("<14xBB5xB2xI20s")
 assert _REPLY.size == sv.HEADER.size + 36
+#: the SRB statuses storvsc_handle_error treats as errors the sense (if any) explains
+_SRB_ERRORS = frozenset((SrbStatus.ERROR, SrbStatus.ABORTED, SrbStatus.INVALID_REQUEST,
+                         SrbStatus.INTERNAL_ERROR))
 
 
 @dataclass(eq=False)
@@ -463,22 +466,28 @@ class Storvsc:
         dtl = min(dtl, length)
         host = HostByte.DID_OK
         if srb_status != SrbStatus.SUCCESS:
-            parsed = scsi.parse_sense(sense) if sense else None
-            if srb_status & SrbStatus.INVALID_LUN:
+            # storvsc_handle_error: a switch on SRB_STATUS(), the code without its two flag
+            # bits (testing single bits would take INTERNAL_ERROR 0x30 for INVALID_LUN 0x20)
+            code = sv.srb_status_code(srb_status)
+            if code in _SRB_ERRORS:
+                if srb_status & sv.SRB_STATUS_AUTOSENSE_VALID:
+                    parsed = scsi.parse_sense(sense) if sense else None
+                    if parsed is not None and (
+                            (parsed.asc, parsed.ascq) == (scsi.Asc.PARAMETERS_CHANGED,
+                                                          scsi.ASCQ_CAPACITY_DATA_CHANGED) or
+                            (parsed.asc == scsi.Asc.OPERATING_CONDITIONS_CHANGED and
+                             parsed.ascq not in (0x03, 0x0E))):
+                        host = HostByte.DID_REQUEUE        # and storvsc_device_scan
+                        if self.host is not None:
+                            self.host.rescan_device_soon(slot.sdev)
+                    # otherwise the sense speaks for itself
+                elif op != ScsiOp.TEST_UNIT_READY:
+                    host = HostByte.DID_ERROR
+            elif code == SrbStatus.INVALID_LUN:
                 host = HostByte.DID_NO_CONNECT
                 if self.host is not None:
                     self.host.lun_gone(slot.sdev)
-            elif srb_status & SrbStatus.ABORTED and sense and parsed is not None and \
-                    (parsed.asc, parsed.ascq) == (scsi.Asc.PARAMETERS_CHANGED,
-                                                  scsi.ASCQ_CAPACITY_DATA_CHANGED):
-                host = HostByte.DID_REQUEUE
-                if self.host is not None and self.host.nursery is not None:
-                    self.host.nursery.start_soon(self.host.rescan_device, slot.sdev)
-            elif srb_status & SrbStatus.ERROR and not \
-                    srb_status & sv.SRB_STATUS_AUTOSENSE_VALID and \
-                    op != ScsiOp.TEST_UNIT_READY:
-                host = HostByte.DID_ERROR
-            if sv.srb_status_code(srb_status) != SrbStatus.DATA_OVERRUN:
+            if code != SrbStatus.DATA_OVERRUN:
                 dtl = 0
         if srb_status != SrbStatus.SUCCESS or scsi_status:
             log.info("storvsc %s: %s: cmd %#x status: scsi %#x srb %#x hv %#x",

@@ -82,9 +82,11 @@ class RingEndpoint:
                 return
 
     # -- driven from the doorbell ---------------------------------------------------------------
-    def poll(self) -> list[Packet]:
+    def poll(self, limit: int = 0) -> list[Packet]:
         """Drain the inbound ring now (what :meth:`run` does on each wake-up): every packet
-        in it, the read index published, the writer signalled if it was blocked on space.
+        in it (at most ``limit`` when that is not 0: the rest stays, and since the peer
+        does not signal a ring that is not empty, the caller polls again for it), the read
+        index published, the writer signalled if it was blocked on space.
         Raises :class:`ChannelBroken` when the peer corrupted the ring."""
         if self.broken:
             raise ChannelBroken(self.broken)
@@ -94,11 +96,13 @@ class RingEndpoint:
                 self.rx.interrupt_mask = 1
                 while (pkt := self.rx.read()) is not None:
                     out.append(pkt)
+                    if len(out) == limit:
+                        break
                 if self.rx.commit_read():
                     self.intr_in_full += 1
                     self.signal()
                 self.rx.interrupt_mask = 0
-                if self.rx.bytes_to_read() == 0:
+                if len(out) == limit or self.rx.bytes_to_read() == 0:
                     return out
         except RingError as e:
             self.broken = str(e)

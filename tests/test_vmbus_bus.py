@@ -213,13 +213,19 @@ async def test_many_pfns_use_gpadl_body(rig: Rig) -> None:
 
 
 async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> None:
+    assert await garbage_messages(rig, logs, 1234, 3000) == 3000
+
+
+async def garbage_messages(rig: Rig, logs: Logs, seed: int, count: int) -> int:
+    """``count`` garbage channel messages from the guest, generated from ``seed``; the
+    host must keep serving. Returns how many were posted."""
     logs.expect(r"^vmbus host: ")       # every dropped message is logged
     logs.expect(r"^vmbus: ")            # and so is what the guest drops of the answers
-    rnd = random.Random(1234)
+    rnd = random.Random(seed)
     # UNLOAD and INITIATE_CONTACT are not garbage: they really reset the connection.
     types = [t.value for t in m.MessageType
              if t not in (m.MessageType.UNLOAD, m.MessageType.INITIATE_CONTACT)]
-    for _ in range(3000):
+    for _ in range(count):
         n = rnd.randrange(0, m.MAX_MESSAGE_SIZE + 1)
         buf = bytearray(rnd.randbytes(n))
         if n >= 4 and rnd.random() < 0.8:
@@ -235,6 +241,7 @@ async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> Non
     pfn = rig.memory.alloc(2)
     assert await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1]) > 0
     assert rig.read(HB_INST, "state") == "3\n"
+    return count
 
 
 async def test_a_gpadl_the_host_never_answers_is_a_clear_timeout(

@@ -4,6 +4,7 @@ between the guest's client and the daemon over the interface page."""
 from __future__ import annotations
 
 import errno
+import random
 
 import pytest
 import trio
@@ -129,3 +130,77 @@ async def test_daemon_survives_garbage_and_reports_protocol_errors(logs: Logs) -
     daemon.pump(conn)
     assert conn.broken and int.from_bytes(page[xs.ERROR_FIELD:xs.ERROR_FIELD + 4],
                                           "little") == 3
+
+
+def _garbage_request(rng: random.Random) -> tuple[bytes, int | None]:
+    """One message a hostile guest might write: (bytes, the req_id a reply must carry, or
+    None when the daemon must break the connection instead)."""
+    types = [t.value for t in xs.XsType] + [23, 99, 2**31, 2**32 - 1]
+    msg_type = rng.choice(types)
+    req_id = rng.randrange(2**32)
+    tx_id = rng.choice([0, 0, 1, 2, rng.randrange(2**32)])
+    words = [b"", b"/", b"a", b"device", b"/local/domain/1/x", b"data/" + b"v" * 300,
+             b"\xff\xfe", b"..", b"a//b", b"/" * 5, bytes(rng.randrange(50)),
+             rng.randbytes(rng.randrange(60))]
+    if rng.random() < 0.6:
+        payload = b"\0".join(rng.choice(words) for _ in range(rng.randrange(4)))
+        if rng.random() < 0.7:
+            payload += b"\0"
+    else:
+        payload = rng.randbytes(rng.randrange(900))
+    length = len(payload)
+    if rng.random() < 0.03:                   # a lying header: more than a payload may be
+        return xs.HEADER.pack(msg_type, req_id, tx_id,
+                              rng.choice([xs.PAYLOAD_MAX + 1, 2**32 - 1])), None
+    return xs.HEADER.pack(msg_type, req_id, tx_id, length) + payload, req_id
+
+
+def garbage_requests(logs: Logs, seed: int, count: int) -> int:
+    """``count`` generated messages from a hostile guest, one at a time, straight into the
+    daemon: each well-framed one gets exactly one reply under its own req_id (an ERROR, or
+    the answer), a header claiming more than 4096 bytes breaks the connection with
+    XENSTORE_ERROR_PROTO, and the daemon never raises. Returns the messages sent."""
+    logs.expect(r"xenstore: domain 1 broke the protocol")
+    rng = random.Random(seed)
+    sent = 0
+
+    async def campaign() -> None:
+        nonlocal sent
+        _, daemon, _, page = await _pair()
+        conn = daemon.connections[1]
+        while sent < count:
+            msg, want = _garbage_request(rng)
+            if want is None and conn.req.writable() < len(msg):
+                continue
+            assert conn.req.writable() >= len(msg)
+            conn.req.write(msg)
+            daemon.pump(conn)
+            sent += 1
+            if want is None:
+                assert conn.broken and int.from_bytes(
+                    page[xs.ERROR_FIELD:xs.ERROR_FIELD + 4], "little") == 3
+                _, daemon, _, page = await _pair()       # the next guest
+                conn = daemon.connections[1]
+                continue
+            got = bytearray()
+            while True:
+                got += conn.rsp.read(conn.rsp.readable())
+                if not conn.out:
+                    break
+                conn.flush()
+            replies = []
+            while got:
+                t, rid, _tx, n = xs.HEADER.unpack_from(got)
+                assert len(got) >= xs.HEADER.size + n <= xs.HEADER.size + xs.PAYLOAD_MAX
+                del got[:xs.HEADER.size + n]
+                if t != xs.XsType.WATCH_EVENT:
+                    replies.append(rid)
+            assert replies == [want], (msg[:64].hex(), replies)
+            assert not conn.broken
+
+    trio.run(campaign)
+    return sent
+
+
+def test_daemon_answers_any_message_once(logs: Logs) -> None:
+    assert garbage_requests(logs, 7, 3000) == 3000

@@ -51,6 +51,10 @@ CAMPAIGNS: dict[str, Campaign] = {
     "xenstore-requests": Campaign("xenstore", "guest→host",
                                   "garbage xenstore wire messages to xenstored "
                                   "(tests/test_xenstore.py)"),
+    "xenstore-replies": Campaign("xenstore", "host→guest",
+                                 "garbage replies, watch events, lying headers and ring "
+                                 "indices to the guest's xenstore client "
+                                 "(tests/test_xenstore.py)"),
     "virtio-chains": Campaign("virtio", "guest→host",
                               "hostile descriptor tables and available rings to virtio-blk "
                               "(tests/test_virtio_hostile.py)"),
@@ -116,6 +120,9 @@ def _run(name: str, seed: int, count: int, tmp: Path, logs: Any) -> int:
     if name == "xenstore-requests":
         from tests.test_xenstore import garbage_requests
         return garbage_requests(logs, seed, count)
+    if name == "xenstore-replies":
+        from tests.test_xenstore import garbage_replies
+        return garbage_replies(logs, seed, count)
     if name == "virtio-chains":
         from tests import test_virtio_hostile
         return _given(test_virtio_hostile.test_hostile_descriptor_chains, seed, logs=logs)

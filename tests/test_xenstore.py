@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import errno
 import random
+import struct
 
 import pytest
 import trio
+import trio.testing
 
 from backends.xen.xenstore import Store, XenstoreDaemon
 from tests.conftest import Logs
 from vbusfs.drivers.xen.xenstore_client import XenstoreClient
 from vbusfs.platform.memory import GuestMemory
+from vbusfs.platform.xen import xs_ring
 from vbusfs.platform.xen.event_channel import EventChannels
 from vbusfs.protocols.xen import xenstore as xs
 
@@ -204,3 +207,113 @@ def garbage_requests(logs: Logs, seed: int, count: int) -> int:
 
 def test_daemon_answers_any_message_once(logs: Logs) -> None:
     assert garbage_requests(logs, 7, 3000) == 3000
+
+
+def garbage_replies(logs: Logs, seed: int, count: int) -> int:
+    """A hostile xenstored: ``count`` generated cases, each a guest READ answered with
+    garbage first: replies under other req_ids, any message type under its own (an ERROR
+    with any payload included), watch events with any payload for known and unknown
+    tokens, a header claiming more than 4096 bytes, or ring indices that cannot be. The
+    client's reader never dies, a request ends with its answer or an ``OSError`` and never
+    hangs (after a lie the stream cannot be trusted: its pending requests fail ``EIO``),
+    and after each case a well-formed answer is taken. Returns the cases run."""
+    logs.expect(r"xenstore: the host broke the protocol")
+    rng = random.Random(seed)
+
+    async def campaign() -> int:
+        _, _, client, page = await _pair()
+        ev = client.evtchn
+        req = xs_ring.request_ring(page)
+        rsp = xs_ring.response_ring(page)
+        done = 0
+        async with trio.open_nursery() as n:
+            await n.start(client.run)
+            w = await _watch_without_host(client, n, req, rsp, ev)
+            for _ in range(count):
+                result: list[object] = []
+
+                async def ask(result: list[object] = result) -> None:
+                    try:
+                        result.append(await client.read("x"))
+                    except OSError as e:
+                        result.append(e)
+
+                n.start_soon(ask)
+                await trio.testing.wait_all_tasks_blocked()
+                _t, rid, _tx, ln = xs.HEADER.unpack(req.read(xs.HEADER.size))
+                req.read(ln)
+                kind = rng.randrange(6)
+                if kind == 0:                                   # replies to nobody
+                    for _ in range(rng.randrange(1, 4)):
+                        _send(rsp, rng.randrange(24), rng.choice([0, rid + 1, 2**32 - 1]),
+                              rng.randbytes(rng.randrange(40)))
+                elif kind == 1:                                 # any type, its own id
+                    _send(rsp, rng.choice([*range(24), 99, 2**32 - 1]), rid,
+                          rng.choice([b"", b"EACCES\0", b"ENOSUCH\0", b"\xff\xfe\0",
+                                      rng.randbytes(rng.randrange(200))]))
+                elif kind == 2:                                 # watch events
+                    for _ in range(rng.randrange(1, 4)):
+                        _send(rsp, xs.XsType.WATCH_EVENT, 0, rng.choice([
+                            b"", b"\0", b"p\0tok\0", b"p\0nobody\0", b"\xff\0tok\0",
+                            rng.randbytes(rng.randrange(60))]))
+                elif kind == 3:                                 # a lying header
+                    rsp.write(xs.HEADER.pack(xs.XsType.READ, rid, 0,
+                                             rng.choice([xs.PAYLOAD_MAX + 1, 2**32 - 1])))
+                elif kind == 4:                                 # impossible ring indices
+                    struct.pack_into("<I", page, xs.RSP_PROD,
+                                     (rng.choice([1025, 4096, 2**31]) +
+                                      struct.unpack_from("<I", page, xs.RSP_CONS)[0])
+                                     & 0xFFFFFFFF)
+                ev.send(0, _host_port(ev, client))
+                await trio.testing.wait_all_tasks_blocked()
+                if not result:                                  # then the real answer
+                    _send(rsp, xs.XsType.READ, rid, b"v")
+                    ev.send(0, _host_port(ev, client))
+                with trio.fail_after(5):
+                    while not result:
+                        await trio.sleep(0)
+                assert isinstance(result[0], str | OSError), result
+                done += 1
+            # still serving: a clean request and a watch event get through
+            assert w is not None
+            n.cancel_scope.cancel()
+        return done
+
+    return trio.run(campaign)
+
+
+def _send(rsp: xs_ring.ByteRing, t: int, rid: int, payload: bytes) -> None:
+    msg = xs.HEADER.pack(t, rid, 0, len(payload)) + payload
+    if rsp.writable() >= len(msg):
+        rsp.write(msg)
+
+
+def _host_port(ev: EventChannels, client: XenstoreClient) -> int:
+    peer = ev.get(1, client.port).peer
+    assert peer is not None
+    return peer.port
+
+
+async def _watch_without_host(client: XenstoreClient, n: trio.Nursery, req: xs_ring.ByteRing,
+                              rsp: xs_ring.ByteRing, ev: EventChannels) -> object:
+    """Register the token ``tok`` (answering the WATCH as the host), so that watch events
+    for it have somewhere to go."""
+    out: list[object] = []
+
+    async def register() -> None:
+        out.append(await client.watch("p", "tok"))
+
+    n.start_soon(register)
+    await trio.testing.wait_all_tasks_blocked()
+    _t, rid, _tx, ln = xs.HEADER.unpack(req.read(xs.HEADER.size))
+    req.read(ln)
+    _send(rsp, xs.XsType.WATCH, rid, b"OK\0")
+    ev.send(0, _host_port(ev, client))
+    with trio.fail_after(5):
+        while not out:
+            await trio.sleep(0)
+    return out[0]
+
+
+def test_client_survives_a_hostile_xenstored(logs: Logs) -> None:
+    assert garbage_replies(logs, 11, 2000) == 2000

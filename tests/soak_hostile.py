@@ -48,6 +48,12 @@ CAMPAIGNS: dict[str, Campaign] = {
     "vmbus-messages": Campaign("vmbus_messages", "guest→host",
                                "garbage channel messages to the VMBus host "
                                "(tests/test_vmbus_bus.py)"),
+    "blkif-responses": Campaign("blkif", "host→guest",
+                                "hostile blkif responses and producer indices to blkfront "
+                                "(tests/test_blkfront.py)"),
+    "vmbus-messages-from-host": Campaign("vmbus_messages", "host→guest",
+                                         "garbage channel messages to the guest's VMBus "
+                                         "driver (tests/test_vmbus_bus.py)"),
     "xenstore-requests": Campaign("xenstore", "guest→host",
                                   "garbage xenstore wire messages to xenstored "
                                   "(tests/test_xenstore.py)"),
@@ -64,6 +70,9 @@ CAMPAIGNS: dict[str, Campaign] = {
     "storvsc-packets": Campaign("storvsc", "guest→host",
                                 "hostile storvsc packets to storvsp "
                                 "(tests/test_storvsp_hostile.py)"),
+    "storvsc-completions": Campaign("storvsc", "host→guest",
+                                    "nonsense completions, strays and double answers from "
+                                    "storvsp to storvsc (tests/test_storvsc.py)"),
 }
 
 
@@ -117,6 +126,20 @@ def _run(name: str, seed: int, count: int, tmp: Path, logs: Any) -> int:
             return sent
 
         return trio.run(messages)
+    if name == "blkif-responses":
+        from tests.test_blkfront import hostile_responses
+        return trio.run(hostile_responses, tmp, logs, seed, count)
+    if name == "vmbus-messages-from-host":
+        from tests.test_vmbus_bus import garbage_from_host, start_rig
+
+        async def from_host() -> int:
+            async with trio.open_nursery() as nursery:
+                rig = await start_rig(nursery)
+                sent = await garbage_from_host(rig, logs, seed, count)
+                nursery.cancel_scope.cancel()
+            return sent
+
+        return trio.run(from_host)
     if name == "xenstore-requests":
         from tests.test_xenstore import garbage_requests
         return garbage_requests(logs, seed, count)
@@ -132,6 +155,9 @@ def _run(name: str, seed: int, count: int, tmp: Path, logs: Any) -> int:
     if name == "storvsc-packets":
         from tests.test_storvsp_hostile import hostile_packets
         return hostile_packets(tmp, logs, seed)
+    if name == "storvsc-completions":
+        from tests.test_storvsc import hostile_completions
+        return trio.run(hostile_completions, tmp, logs, seed, count)
     raise KeyError(name)
 
 

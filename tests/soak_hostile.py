@@ -85,10 +85,14 @@ class _Collector(logging.Handler):
         self.records.append(record)
 
 
+#: examples a hypothesis campaign has run so far (reported also when it fails)
+_EXAMPLES = [0]
+
+
 def _given(fn: Any, seed: int, **kwargs: Any) -> int:
     """Run a hypothesis test with ``seed``; count the examples it ran."""
     import hypothesis
-    n = [0]
+    n = _EXAMPLES
     inner = fn.hypothesis.inner_test
 
     def counted(*a: Any, **kw: Any) -> Any:
@@ -180,6 +184,7 @@ def run_campaign(name: str, seed: int, count: int) -> dict[str, Any]:
         if problems:
             failure = "log check: " + "; ".join(problems[:5])
     except BaseException as e:           # the case and the trace are the report
+        cases = cases or _EXAMPLES[0]
         notes = "\n".join(getattr(e, "__notes__", []))
         failure = "".join(traceback.format_exception_only(e)).strip() + \
             (("\n" + notes) if notes else "") + "\n" + "".join(traceback.format_tb(

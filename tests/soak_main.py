@@ -132,6 +132,9 @@ class Machine:
         self.mnt.mkdir()
         self.state = self.dir / "state"
         self.env = dict(os.environ)
+        self.tmp = self.dir / "tmp"          # the service's TMPDIR: must stay empty
+        self.tmp.mkdir()
+        self.env["TMPDIR"] = str(self.tmp)
         self.default = default                # the embedded default machine instead
         if default:
             self.env["VBUSFS_STATE"] = str(self.dir / "default-state")
@@ -437,7 +440,6 @@ def cycles(rep: Report, work: Path, n: int) -> None:
     rng = random.Random(rep.seed ^ 0xC1C1)
     m = Machine(work, "cycles")
     loops0 = _loops()
-    tmp0 = set(os.listdir(tempfile.gettempdir()))
     first: dict[str, int] | None = None
     files0: set[str] | None = None
     for i in range(n):
@@ -515,8 +517,7 @@ def cycles(rep: Report, work: Path, n: int) -> None:
             files0 = files
         rep.updown_cycles += 1
     new_loops = _loops() - loops0
-    new_tmp = {f for f in set(os.listdir(tempfile.gettempdir())) - tmp0
-               if "vbusfs" in f or "pyfuse" in f}
+    new_tmp = set(os.listdir(m.tmp))       # the service's TMPDIR (not /tmp: others use it)
     rep.leaks["loop_devices"] += len(new_loops)
     rep.leaks["temp_files"] += len(new_tmp)
     if new_loops or new_tmp:

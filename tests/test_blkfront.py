@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -113,3 +114,78 @@ async def test_a_ring_transaction_that_never_commits_fails_the_connect(
             pass
     assert "vbd-51712" in str(e.value) and "conflicted 10 times" in str(e.value)
     assert len(attempts) == 10
+
+
+# -- a hostile blkback, generated ---------------------------------------------------------------
+
+async def hostile_responses(tmp_path: Path, logs: Logs, seed: int, count: int) -> int:
+    """A backend whose ``count`` responses (rounded up to whole requests) are generated:
+    the right one, or any status and operation under the request's own id; and now and
+    then, with nothing in flight, a response producer index past every request sent (the
+    disk must fail: every command EIO, as blkfront does for a ring it cannot trust; a fresh
+    machine then goes on). Every read, write and flush ends with its data or an
+    ``OSError``, nothing else, and nothing hangs. Returns the responses given."""
+    import random
+
+    from backends.xen.blkback import Blkback
+    from vbusfs.protocols.xen.ring import RSP_PROD
+    logs.expect(r"backend produced responses for requests never sent")
+    rng = random.Random(seed)
+    real = Blkback._respond
+    given = 0
+
+    def hostile(self: Blkback, ring: Any, req_id: int, op: int, status: int) -> None:
+        nonlocal given
+        given += 1
+        if rng.randrange(2):
+            real(self, ring, req_id, op, status)
+        else:                                                 # any status, any operation
+            real(self, ring, req_id, rng.randrange(256),
+                 rng.choice([0, -1, -2, 1, 2, -32768, 32767, rng.randrange(-32768, 32768)]))
+
+    machines = 0
+    while given < count:
+        machines += 1
+        async with xen_machine(tmp_path / str(machines), features=["flush"],
+                               size="4M") as rig:
+            Blkback._respond = hostile  # type: ignore[method-assign]
+            try:
+                while given < count and rig.engine.connected:
+                    off = rng.randrange(0, 1000) * 4096
+                    with trio.fail_after(10):
+                        async with trio.open_nursery() as n:   # a few in flight at once
+                            for _ in range(rng.randrange(1, 5)):
+                                op = rng.randrange(3)
+                                n.start_soon(_one_op, rig.disk, op, off, rng.randbytes(4096))
+                    await trio.sleep(0)
+                    if rng.randrange(40) == 0:    # more responses than requests, and a kick
+                        ring = rig.back.ring
+                        ring._set(RSP_PROD, (ring.rsp_prod_pvt + rng.randrange(1, 4))
+                                  & 0xFFFFFFFF)
+                        rig.xm.evtchn.send(rig.back.domid, rig.back.port)
+                        given += 1
+            finally:
+                Blkback._respond = real  # type: ignore[method-assign]
+            if not rig.engine.connected:
+                continue
+            with trio.fail_after(10):
+                await rig.disk.write(0, b"ok" * 256)          # still works
+                assert await rig.disk.read(0, 512) == b"ok" * 256
+    return given
+
+
+async def _one_op(disk: Any, op: int, off: int, data: bytes) -> None:
+    try:
+        if op == 0:
+            await disk.read(off, 4096)
+        elif op == 1:
+            await disk.write(off, data)
+        else:
+            await disk.flush()
+    except OSError:
+        pass
+
+
+async def test_a_hostile_backend_never_hangs_or_kills_blkfront(tmp_path: Path,
+                                                                logs: Logs) -> None:
+    assert await hostile_responses(tmp_path, logs, 3, 1000) >= 1000

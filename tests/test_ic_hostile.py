@@ -42,6 +42,7 @@ from backends.vmbus.ic import (
     _Pending,
     make_ic,
 )
+from tests.hostile_cases import cases
 from vbusfs.drivers.vmbus.hv_kvp import KvpService
 from vbusfs.drivers.vmbus.hv_utils import make_service
 from vbusfs.drivers.vmbus.kvp_daemon import KvpDaemon, OsIdentity
@@ -50,7 +51,7 @@ from vbusfs.protocols.vmbus import hv_ic, hv_kvp
 from vbusfs.protocols.vmbus.ring import Packet, PacketType
 from vbusfs.sysfs import Attribute, DataFile, Tree
 
-EXAMPLES = 10_500
+EXAMPLES = cases(10_500)
 SERVICES = ["heartbeat", "shutdown", "timesync", "kvp", "vss", "fcopy"]
 MSGTYPE = {"heartbeat": 1, "kvp": 2, "shutdown": 3, "timesync": 4, "vss": 5, "fcopy": 7}
 LIMIT = {"heartbeat": 4096, "shutdown": 4096, "timesync": 4096, "vss": 8192, "fcopy": 8192,

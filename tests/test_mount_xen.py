@@ -308,3 +308,50 @@ def test_bad_disk_configs_are_refused(tmp_path: Path,
     r = mountctl("up", "-d", "-c", str(missing), str(mp), env=state_env)
     assert r.returncode == 1 and "x.img" in r.stderr
     assert not os.path.ismount(mp)
+
+
+def _stats(m: Mounted) -> dict[str, int]:
+    d = m.path / ".vbusfs/stats"
+    return {p.name: int(p.read_text()) for p in d.iterdir()}
+
+
+def _proc_status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(key)
+
+
+def test_stats_count_what_the_service_holds_and_come_back(mnt: Mounted) -> None:
+    """MNT/.vbusfs/stats/: the service's fds, threads and RSS as /proc shows them, grants in
+    use (two blkfront rings of 16 pages, their persistent and indirect grants) and allocated
+    guest frames; after a warm-up, I/O and remove/rescan cycles give back what they took."""
+    pid = int((mnt.path / ".vbusfs/pid").read_text())
+    s = _stats(mnt)
+    assert set(s) == {"fds", "threads", "rss_kb", "grants", "grants_mapped", "guest_frames",
+                      "guest_frames_total"}
+    assert s["fds"] == len(os.listdir(f"/proc/{pid}/fd"))
+    assert s["threads"] == _proc_status(pid, "Threads")
+    assert abs(s["rss_kb"] - _proc_status(pid, "VmRSS")) < 16 << 10
+    assert s["guest_frames_total"] == (64 << 20) // 4096
+    assert 0 < s["guest_frames"] < s["guest_frames_total"]
+    assert s["grants"] > 0 and s["grants_mapped"] >= 2
+
+    def cycle() -> None:
+        for d in ("xvda", "xvdb", "vda", "sda", "sdb"):
+            sh(f"dd if=/dev/urandom of={mnt.path}/dev/{d} bs=64K count=16 seek=200 "
+               "conv=fsync,notrunc status=none")
+            sh(f"dd if={mnt.path}/dev/{d} of=/dev/null bs=4k count=64 skip=3200 status=none")
+        (mnt.path / "sys/bus/pci/devices/0000:00:04.0/remove").write_text("1")
+        (mnt.path / "sys/bus/pci/rescan").write_text("1")
+        (mnt.path / "sys/class/scsi_device/0:0:0:1/device/delete").write_text("1")
+        (mnt.path / "sys/class/scsi_host/host0/scan").write_text("- - -")
+        assert (mnt.path / "dev/vda").exists() and (mnt.path / "dev/sdb").exists()
+
+    cycle()                                    # I/O threads and persistent grants start here
+    warm = _stats(mnt)
+    for _ in range(3):
+        cycle()
+    after = _stats(mnt)
+    for k in ("fds", "threads", "grants", "grants_mapped", "guest_frames"):
+        assert after[k] == warm[k], (k, warm[k], after[k])

@@ -106,8 +106,9 @@ def test_mount_t_vbusfs(tmp_path: Path, state_env: dict[str, str]) -> None:
         assert (mnt / ".vbusfs/machine").read_text() == "tiny\n"
         # the service's own files, as the README lists them (no Xen bus: no block/)
         assert sorted(os.listdir(mnt / ".vbusfs")) == [
-            "config", "control", "host", "hv_utils", "machine", "pid", "state_dir", "version",
-            "vmbus_version"]
+            "config", "control", "host", "hv_utils", "machine", "pid", "state_dir", "stats",
+            "version", "vmbus_version"]
+        assert (mnt / ".vbusfs/stats/grants").read_text() == "0\n"     # no Xen bus
     finally:
         assert mountctl("down", str(mnt), env=state_env).returncode == 0
     deadline = time.monotonic() + 5

@@ -666,3 +666,83 @@ async def test_number_attributes_take_ascii_numbers_only(tmp_path: Path) -> None
         fuzz()
         write(f"{SDEV}/state", b"running\n")
         assert await rig.disk().read(0, 512) == bytes(512)
+
+
+# -- a hostile storvsp, generated ---------------------------------------------------------------
+
+async def hostile_completions(tmp_path: Path, logs: Logs, seed: int, count: int) -> int:
+    """A host that answers ``count`` commands (rounded up to whole rounds) with generated
+    nonsense: a completion of any length and any statuses for the command's own transaction
+    id (sometimes right, sometimes a second time), or packets under ids nobody asked for,
+    of any type. Every read, write and flush must end, with its data or an ``OSError``,
+    nothing else; the driver never dies, and a well-answered command works afterwards.
+    Returns the nonsense answers given."""
+    import random
+    logs.expect(r"Incorrect transaction ID")               # what the driver drops or
+    logs.expect(r"invalid completion for tag \d+ .* the command fails")     # fails, said
+    logs.expect(r"packet of \d+ bytes dropped")
+    rng = random.Random(seed)
+    real = Storvsp._complete
+    given = 0
+
+    def hostile(self: Storvsp, trans_id: int, size: int, r: object) -> None:
+        nonlocal given
+        given += 1
+        kind = rng.randrange(5)
+        if kind == 0:                                         # the right answer
+            real(self, trans_id, size, r)  # type: ignore[arg-type]
+            return
+        if kind == 1:             # any bytes, its own id, then the answer: what the guest
+            self._write(rng.choice([0x0B, 0x0B, 6, 9, rng.randrange(0x10000)]), trans_id,
+                        rng.randbytes(rng.choice([0, 4, 12, 20, 63, 64, 200])))  # drops
+            real(self, trans_id, size, r)  # type: ignore[arg-type]  # leaves it waiting, and
+            return                 # block I/O has no timeout (README, Known limits)
+        if kind == 2:                                         # a COMPLETE_IO of nonsense
+            srb = bytearray(rng.randbytes(52))
+            self._write(0x0B, trans_id, struct.pack("<III", rng.choice([1, 1, 2, 99]),
+                        rng.randrange(4), rng.randrange(2**32)) +
+                        bytes(srb[:rng.choice([size, 52, 20, rng.randrange(53)])]))
+            return
+        if kind == 3:                                         # strays first, then right
+            for _ in range(rng.randrange(1, 3)):
+                self._write(0x0B, rng.choice([0, trans_id + 1, rng.randrange(2**64)]),
+                            rng.randbytes(64))
+            real(self, trans_id, size, r)  # type: ignore[arg-type]
+            return
+        real(self, trans_id, size, r)  # type: ignore[arg-type]  # answered twice
+        self._write(0x0B, trans_id, rng.randbytes(64))
+
+    machines = 0
+    while given < count:              # a fresh machine when the guest removed its disk
+        machines += 1
+        async with storvsc_machine(tmp_path / str(machines)) as rig:
+            disk = rig.disk()
+            Storvsp._complete = hostile  # type: ignore[method-assign]
+            try:
+                while given < count and not disk.dead:
+                    op = rng.randrange(3)
+                    off = rng.randrange(0, (16 << 20) // 4096) * 4096
+                    with trio.fail_after(10):
+                        try:
+                            if op == 0:
+                                await disk.read(off, rng.choice([512, 4096, 65536]))
+                            elif op == 1:
+                                await disk.write(off, rng.randbytes(4096))
+                            else:
+                                await disk.flush()
+                        except OSError:
+                            pass
+                        await trio.sleep(0)
+            finally:
+                Storvsp._complete = real  # type: ignore[method-assign]
+            if disk.dead:        # INVALID_LUN and the like: removed, as Linux does
+                continue
+            with trio.fail_after(10):
+                await disk.write(0, b"ok" * 256)              # still works
+                assert await disk.read(0, 512) == b"ok" * 256
+    return given
+
+
+async def test_a_hostile_host_never_hangs_or_kills_the_driver(tmp_path: Path,
+                                                              logs: Logs) -> None:
+    assert await hostile_completions(tmp_path, logs, 5, 1000) >= 1000

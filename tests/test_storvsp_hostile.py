@@ -25,11 +25,13 @@ import hashlib
 import struct
 from pathlib import Path
 
+import hypothesis
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Logs
+from tests.hostile_cases import cases
 from tests.storvsp_harness import Harness, params, storvsp_channel
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.protocols.vmbus.ring import GpaRange, pack_gpa_direct
@@ -48,6 +50,7 @@ OPCODES = [0x00, 0x03, 0x04, 0x08, 0x0A, 0x12, 0x15, 0x16, 0x17, 0x1A, 0x1B, 0x1
            0x28, 0x2A, 0x2F, 0x35, 0x41, 0x42, 0x5A, 0x5E, 0x88, 0x8A, 0x8F, 0x91, 0x93,
            0x9E, 0xA0, 0xA8, 0xAA, 0xAF, 0xC0, 0xFF]
 PACKETS_SENT = [0]
+EXAMPLES = cases(680, per_example=15)           # 15 to 20 packets each: over 10,000
 
 u32 = st.integers(0, 2**32 - 1)
 lengths = st.one_of(st.sampled_from([0, 1, 18, 36, 255, 511, 512, 513, 4096, 8192, 65536,
@@ -243,19 +246,27 @@ async def _example(tmp: Path, pkts: list[Generated], init: bool) -> None:
     assert other.read_bytes() == b"untouched"
 
 
-def test_ten_thousand_hostile_packets(tmp_path: Path, logs: Logs) -> None:
+def hostile_packets(tmp_path: Path, logs: Logs, seed: int | None = None) -> int:
+    """Run the generated examples (``seed``: hypothesis's, for a replay); returns the
+    number of packets sent."""
     logs.expect(r"dropped \(not a request\)")
     logs.expect(r"asks for no completion; dropped")
     (tmp_path / "rw.img").write_bytes(bytes(1 << 20))
     (tmp_path / "ro.img").write_bytes(b"\x5a" * (1 << 20))
     (tmp_path / "other").write_bytes(b"untouched")
 
-    @settings(max_examples=680, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(pkts=st.lists(packets(), min_size=15, max_size=20), init=st.booleans())
     def run(pkts: list[Generated], init: bool) -> None:
         trio.run(_example, tmp_path, pkts, init)
 
-    run()
-    assert PACKETS_SENT[0] >= 10_000, PACKETS_SENT[0]
-    print(f"{PACKETS_SENT[0]} generated packets")
+    start = PACKETS_SENT[0]
+    (run if seed is None else hypothesis.seed(seed)(run))()
+    return PACKETS_SENT[0] - start
+
+
+def test_ten_thousand_hostile_packets(tmp_path: Path, logs: Logs) -> None:
+    sent = hostile_packets(tmp_path, logs)
+    assert sent >= 15 * EXAMPLES, sent
+    print(f"{sent} generated packets")

@@ -23,12 +23,13 @@ from backends.storage.executor import Request, StorageOp
 from backends.virtio.blk import BlkParams, VirtioBlkDevice
 from backends.virtio.transport import VirtioPciFunction
 from tests.conftest import Logs
+from tests.hostile_cases import cases
 from vbusfs.drivers.virtio.virtqueue import DriverQueue, QueueBroken
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.pci import MsiController
 from vbusfs.protocols.virtio import blk, ids, ring
 
-CASES = settings(max_examples=10_000, deadline=None,
+CASES = settings(max_examples=cases(10_000), deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 QSZ = 16
 DISK = 1 << 20                     # bytes

@@ -213,13 +213,19 @@ async def test_many_pfns_use_gpadl_body(rig: Rig) -> None:
 
 
 async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> None:
+    assert await garbage_messages(rig, logs, 1234, 3000) == 3000
+
+
+async def garbage_messages(rig: Rig, logs: Logs, seed: int, count: int) -> int:
+    """``count`` garbage channel messages from the guest, generated from ``seed``; the
+    host must keep serving. Returns how many were posted."""
     logs.expect(r"^vmbus host: ")       # every dropped message is logged
     logs.expect(r"^vmbus: ")            # and so is what the guest drops of the answers
-    rnd = random.Random(1234)
+    rnd = random.Random(seed)
     # UNLOAD and INITIATE_CONTACT are not garbage: they really reset the connection.
     types = [t.value for t in m.MessageType
              if t not in (m.MessageType.UNLOAD, m.MessageType.INITIATE_CONTACT)]
-    for _ in range(3000):
+    for _ in range(count):
         n = rnd.randrange(0, m.MAX_MESSAGE_SIZE + 1)
         buf = bytearray(rnd.randbytes(n))
         if n >= 4 and rnd.random() < 0.8:
@@ -235,6 +241,7 @@ async def test_garbage_messages_never_hurt_the_host(rig: Rig, logs: Logs) -> Non
     pfn = rig.memory.alloc(2)
     assert await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1]) > 0
     assert rig.read(HB_INST, "state") == "3\n"
+    return count
 
 
 async def test_a_gpadl_the_host_never_answers_is_a_clear_timeout(
@@ -298,3 +305,36 @@ async def test_a_host_that_stops_offering_is_a_clear_timeout(
         await bus.run()
     assert e.value.errno == errno.ETIMEDOUT
     assert "ALLOFFERS_DELIVERED" in str(e.value) and "2 offers" in str(e.value)
+
+
+async def garbage_from_host(rig: Rig, logs: Logs, seed: int, count: int) -> int:
+    """``count`` generated channel messages from a hostile host to the guest's bus: any
+    length up to the SynIC's 240 bytes, mostly with a real message type in front (offers,
+    rescinds, GPADL and open answers nobody asked for, version answers). The bus never dies,
+    and afterwards the guest still creates a GPADL (the host is honest again). Returns the
+    messages posted."""
+    logs.expect(r"^vmbus: ")            # what the guest drops is logged
+    rnd = random.Random(seed)
+    types = [t.value for t in m.MessageType]
+    for _ in range(count):
+        n = rnd.randrange(0, m.MAX_MESSAGE_SIZE + 1)
+        buf = bytearray(rnd.randbytes(n))
+        if n >= 4 and rnd.random() < 0.8:
+            struct.pack_into("<I", buf, 0, rnd.choice(types))
+        if n >= 8 and rnd.random() < 0.5:             # a relid the guest has, or near one
+            struct.pack_into("<I", buf, 4, rnd.choice([0, 1, 2, 3, 4, 2**32 - 1]))
+        try:
+            rig.synic.to_guest_send.send_nowait(bytes(buf))
+        except trio.WouldBlock:
+            await trio.testing.wait_all_tasks_blocked()
+        if rnd.random() < 0.05:
+            await trio.testing.wait_all_tasks_blocked()
+    await trio.testing.wait_all_tasks_blocked()
+    pfn = rig.memory.alloc(2)
+    with trio.fail_after(10):
+        assert await rig.bus.conn.create_gpadl(3, [pfn, pfn + 1]) > 0
+    return count
+
+
+async def test_garbage_from_the_host_never_hurts_the_guest(rig: Rig, logs: Logs) -> None:
+    assert await garbage_from_host(rig, logs, 99, 3000) == 3000

@@ -24,9 +24,18 @@ from vbusfs.machine.pci import PciMachine
 from vbusfs.machine.vmbus import VmbusMachine
 from vbusfs.machine.xen import XenMachine
 from vbusfs.platform.memory import GuestMemory
-from vbusfs.sysfs import Attribute, Tree
+from vbusfs.sysfs import Attribute, Directory, Tree
 
 log = logging.getLogger(__name__)
+
+
+def _proc_status(key: str) -> int:
+    """A number from ``/proc/self/status`` (``VmRSS`` in kB, ``Threads``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
 
 __all__ = ["Machine", "SHUTDOWN_DEADLINE"]
 
@@ -120,8 +129,25 @@ class Machine:
             conn.version.text if conn.version else "disconnected") + "\n"))
         ctl.add(Attribute("control", None, store_control))
         self.vmbus.add_control_files(ctl)
+        self._add_stats(ctl.mkdir("stats"))
         if self._stop_pending:
             request_stop()
+
+    def _add_stats(self, stats: Directory) -> None:
+        """``MNT/.vbusfs/stats/``: what the service holds now, read at open, so that anyone
+        (and the soak) can watch for leaks: its open file descriptors, threads and resident
+        memory, the Xen grant entries in use (granted by the guest; mapped by the host) and
+        the guest-memory frames allocated."""
+        # listing /proc/self/fd opens one more: not counted
+        stats.add(Attribute("fds", lambda: f"{len(os.listdir('/proc/self/fd')) - 1}\n"))
+        stats.add(Attribute("threads", lambda: f"{_proc_status('Threads')}\n"))
+        stats.add(Attribute("rss_kb", lambda: f"{_proc_status('VmRSS')}\n"))
+        grants = self.xen.grants if self.xen is not None else None
+        stats.add(Attribute("grants", lambda: f"{grants.granted if grants else 0}\n"))
+        stats.add(Attribute("grants_mapped", lambda: f"{grants.mapped if grants else 0}\n"))
+        mem = self.memory
+        stats.add(Attribute("guest_frames", lambda: f"{mem.nr_frames - 1 - mem.free_frames()}\n"))
+        stats.add(Attribute("guest_frames_total", lambda: f"{mem.nr_frames}\n"))
 
     def close(self) -> None:
         self.memory.close()

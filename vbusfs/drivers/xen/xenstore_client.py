@@ -10,6 +10,7 @@ Watch events are delivered to a memory channel per watch. Errors come back as
 from __future__ import annotations
 
 import errno
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,10 +19,12 @@ import trio
 
 from vbusfs.platform.memory import GuestMemory
 from vbusfs.platform.xen.event_channel import EventChannels
-from vbusfs.platform.xen.xs_ring import request_ring, response_ring
+from vbusfs.platform.xen.xs_ring import RingIndexError, request_ring, response_ring
 from vbusfs.protocols.xen import xenstore as xs
 
 __all__ = ["XenstoreClient", "XsTransaction"]
+
+log = logging.getLogger(__name__)
 
 
 class _Pending:
@@ -60,13 +63,21 @@ class XenstoreClient:
             self._drain()
 
     def _drain(self) -> None:
-        n = self.rsp.readable()
+        try:
+            n = self.rsp.readable()
+        except RingIndexError as e:               # xb_read: reset the indices, -EIO
+            self.rsp.consume_all()
+            self._broken(str(e))
+            return
         if not n:
             return
         self._inbuf += self.rsp.read(n)
         self.evtchn.send(self.domid, self.port)   # room in the response ring
         while len(self._inbuf) >= xs.HEADER.size:
             msg_type, req_id, _tx, length = xs.HEADER.unpack_from(self._inbuf)
+            if length > xs.PAYLOAD_MAX:             # process_msg: -EINVAL
+                self._broken(f"a reply header claims {length} bytes")
+                return
             end = xs.HEADER.size + length
             if len(self._inbuf) < end:
                 break
@@ -82,6 +93,18 @@ class XenstoreClient:
                 waiter.msg_type, waiter.payload = msg_type, payload
                 waiter.done.set()
 
+    def _broken(self, why: str) -> None:
+        """The host sent what no xenstored may: what is buffered cannot be framed any more,
+        so it is dropped and every request waiting for an answer fails with ``EIO`` (as
+        Linux's xenbus reports a read error); later requests start on a clean stream."""
+        log.warning("xenstore: the host broke the protocol (%s); %d pending request(s) "
+                    "fail with EIO", why, len(self._pending))
+        self._inbuf.clear()
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            waiter.msg_type, waiter.payload = xs.XsType.ERROR, b"EIO\0"
+            waiter.done.set()
+
     async def request(self, msg_type: xs.XsType, payload: bytes, tx_id: int = 0) -> bytes:
         req_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
@@ -90,7 +113,11 @@ class XenstoreClient:
         msg = memoryview(xs.pack(msg_type, req_id, tx_id, payload))
         async with self._write_lock:
             while msg:
-                n = self.req.write(msg)
+                try:
+                    n = self.req.write(msg)
+                except RingIndexError as e:
+                    self._pending.pop(req_id, None)
+                    raise OSError(errno.EIO, f"xenstore {msg_type.name}: {e}") from None
                 msg = msg[n:]
                 self.evtchn.send(self.domid, self.port)
                 if msg:
@@ -100,6 +127,12 @@ class XenstoreClient:
             name = xs.split_strings(waiter.payload)[0] if waiter.payload else "EIO"
             code = xs.errno_of(name)
             raise OSError(code, f"xenstore {msg_type.name}: {name}")
+        if waiter.msg_type != msg_type:               # xs_talkv: "unexpected type"
+            log.warning("xenstore: the host broke the protocol (a reply of type %d to a "
+                        "%s request); the request fails with EINVAL", waiter.msg_type,
+                        msg_type.name)
+            raise OSError(errno.EINVAL, f"xenstore {msg_type.name}: a reply of type "
+                                        f"{waiter.msg_type}")
         return waiter.payload
 
     # -- the xenbus_* helpers --------------------------------------------------------------

@@ -68,6 +68,11 @@ class ByteRing:
         cons, _ = self._idx()
         _U32.pack_into(self.view, self.cons_off, (cons + n) & _MASK)
 
+    def consume_all(self) -> None:
+        """Take the indices back to agreement (cons = prod), whatever they say."""
+        prod = _U32.unpack_from(self.view, self.prod_off)[0]
+        _U32.pack_into(self.view, self.cons_off, prod)
+
     def read(self, n: int) -> bytes:
         data = self.peek(n)
         self.consume(n)

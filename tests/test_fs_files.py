@@ -9,12 +9,10 @@ import os
 from types import SimpleNamespace
 
 import pyfuse3
-import pytest
 
+from tests.fs_calls import CTX, errno_of, lookup
 from vbusfs.fs import VbusFS
 from vbusfs.sysfs import Attribute, DataFile, Tree
-
-CTX = None
 
 
 def build() -> tuple[VbusFS, DataFile, list[str]]:
@@ -31,22 +29,6 @@ def build() -> tuple[VbusFS, DataFile, list[str]]:
         return f"reply to {text.strip()}\n"
     d.add(Attribute("tx", lambda: "last\n", store))
     return VbusFS(t), f, seen
-
-
-async def lookup(fs: VbusFS, path: str) -> pyfuse3.EntryAttributes:
-    ino = pyfuse3.ROOT_INODE
-    attr = None
-    for part in path.split("/"):
-        attr = await fs.lookup(ino, part.encode(), CTX)  # type: ignore[arg-type]
-        ino = attr.st_ino
-    assert attr is not None
-    return attr
-
-
-async def errno_of(coro: object) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await coro  # type: ignore[misc]
-    return e.value.errno
 
 
 async def test_data_file_reads_writes_and_grows() -> None:

@@ -8,10 +8,9 @@ import pyfuse3
 import pytest
 
 from tests.conftest import Logs
+from tests.fs_calls import CTX, errno_of, lookup
 from vbusfs.fs import VbusFS
 from vbusfs.sysfs import Attribute, BinAttribute, Tree
-
-CTX = None  # handlers never look at the request context
 
 
 def build() -> tuple[VbusFS, Tree, dict[str, str]]:
@@ -31,22 +30,6 @@ def build() -> tuple[VbusFS, Tree, dict[str, str]]:
     for i in range(50):
         d.add(Attribute(f"f{i:02}", lambda: "\n"))
     return VbusFS(t), t, state
-
-
-async def lookup(fs: VbusFS, path: str) -> pyfuse3.EntryAttributes:
-    ino = pyfuse3.ROOT_INODE
-    attr = None
-    for part in path.split("/"):
-        attr = await fs.lookup(ino, part.encode(), CTX)  # type: ignore[arg-type]
-        ino = attr.st_ino
-    assert attr is not None
-    return attr
-
-
-async def errno_of(coro: object) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await coro  # type: ignore[misc]
-    return e.value.errno
 
 
 async def test_lookup_missing_is_enoent() -> None:

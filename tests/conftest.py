@@ -181,3 +181,11 @@ def mnt(request: pytest.FixtureRequest,
     problems = service_log_problems(base / "state/hyperv-gen2/vbusfs.log", expected)
     if problems:
         pytest.fail("service log check:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def loop_available() -> None:
+    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("losetup/mkfs.ext4 missing (util-linux, e2fsprogs); run .ci/setup")
+    if not os.path.exists("/dev/loop-control"):
+        pytest.skip("no /dev/loop-control: this kernel has no loop devices")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mounted, mountctl
+from tests.ext4_on_loop import ext4_round_trip
 
 GUID = "f8b3781a-1e82-4818-a1c3-63d806ec15bb"       # the default machine's controller
 GiB = 1 << 30
@@ -227,36 +228,8 @@ def test_fio_verify(mnt: Mounted, fio: str, engine: str) -> None:
     assert "verify" not in r.stderr.lower()
 
 
-@pytest.fixture
-def loop_available() -> None:
-    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("losetup/mkfs.ext4 missing (util-linux, e2fsprogs); run .ci/setup")
-    if not os.path.exists("/dev/loop-control"):
-        pytest.skip("no /dev/loop-control: this kernel has no loop devices")
-
-
 def test_ext4_on_sda(mnt: Mounted, loop_available: None, tmp_path: Path) -> None:
-    loop = sh(f"losetup -f --show {mnt.path}/dev/sda").stdout.strip()
-    target = tmp_path / "fs"
-    target.mkdir()
-    try:
-        sh(f"mkfs.ext4 -q -F {loop}")
-        sh(f"mount {loop} {target}")
-        try:
-            payload = os.urandom(5 << 20)
-            (target / "a.bin").write_bytes(payload)
-            shutil.copytree(Path(__file__).parent, target / "tests")
-            sh("sync")
-        finally:
-            sh(f"umount {target}")
-        sh(f"fsck.ext4 -n {loop}")
-        sh(f"mount -o ro {loop} {target}")
-        try:
-            assert (target / "a.bin").read_bytes() == payload
-        finally:
-            sh(f"umount {target}")
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    ext4_round_trip(mnt.path / "dev/sda", tmp_path, 5 << 20, Path(__file__).parent)
 
 
 def test_mountctl_status_and_discard(mnt: Mounted) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Mounted, mountctl
+from tests.ext4_on_loop import ext4_round_trip
 
 BLK = "0000:00:04.0"         # the default machine's virtio-blk function
 
@@ -148,35 +149,8 @@ def test_dd_and_flush_reach_the_image(mnt: Mounted) -> None:
     assert int(cat(stat).split()[15]) > flushes          # fsync went out as a FLUSH
 
 
-@pytest.fixture
-def loop_available() -> None:
-    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("losetup/mkfs.ext4 missing (util-linux, e2fsprogs); run .ci/setup")
-    if not os.path.exists("/dev/loop-control"):
-        pytest.skip("no /dev/loop-control: this kernel has no loop devices")
-
-
 def test_ext4_on_vda(mnt: Mounted, loop_available: None, tmp_path: Path) -> None:
-    loop = sh(f"losetup -f --show {mnt.path}/dev/vda").strip()
-    target = tmp_path / "fs"
-    target.mkdir()
-    try:
-        sh(f"mkfs.ext4 -q -F {loop}")
-        sh(f"mount {loop} {target}")
-        try:
-            payload = os.urandom(2 << 20)
-            (target / "a.bin").write_bytes(payload)
-            sh("sync")
-        finally:
-            sh(f"umount {target}")
-        sh(f"fsck.ext4 -n {loop}")
-        sh(f"mount -o ro {loop} {target}")
-        try:
-            assert (target / "a.bin").read_bytes() == payload
-        finally:
-            sh(f"umount {target}")
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    ext4_round_trip(mnt.path / "dev/vda", tmp_path, 2 << 20)
 
 
 def test_fio_verify_on_vda(mnt: Mounted) -> None:

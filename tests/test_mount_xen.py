@@ -8,7 +8,6 @@ import concurrent.futures
 import errno
 import os
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import blake3
 import pytest
 
 from tests.conftest import Mounted, mountctl
+from tests.ext4_on_loop import ext4_round_trip
 
 GiB = 1 << 30
 
@@ -187,38 +187,9 @@ def test_mountctl_discard(mnt: Mounted) -> None:
     assert int(cat(mnt.path / "sys/block/xvdb/stat").split()[11]) >= 1   # discard I/Os
 
 
-@pytest.fixture
-def loop_available() -> None:
-    if shutil.which("losetup") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("losetup/mkfs.ext4 missing (util-linux, e2fsprogs); run .ci/setup")
-    if not os.path.exists("/dev/loop-control"):
-        pytest.skip("no /dev/loop-control: this kernel has no loop devices")
-
-
 def test_losetup_mkfs_mount_fsck(mnt: Mounted, loop_available: None,
                                  tmp_path: Path) -> None:
-    dev = mnt.path / "dev/xvdb"
-    loop = sh(f"losetup -f --show {dev}").strip()
-    target = tmp_path / "fs"
-    target.mkdir()
-    try:
-        sh(f"mkfs.ext4 -q -F {loop}")
-        sh(f"mount {loop} {target}")
-        try:
-            payload = os.urandom(3 << 20)
-            (target / "a.bin").write_bytes(payload)
-            shutil.copytree(Path(__file__).parent, target / "tests")
-            sh("sync")
-        finally:
-            sh(f"umount {target}")
-        sh(f"fsck.ext4 -n {loop}")
-        sh(f"mount -o ro {loop} {target}")
-        try:
-            assert (target / "a.bin").read_bytes() == payload
-        finally:
-            sh(f"umount {target}")
-    finally:
-        subprocess.run(["losetup", "-d", loop], check=False)
+    ext4_round_trip(mnt.path / "dev/xvdb", tmp_path, 3 << 20, Path(__file__).parent)
 
 
 def _config(tmp: Path, extra: str = "") -> Path:

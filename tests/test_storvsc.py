@@ -590,6 +590,31 @@ async def test_a_vpd_page_longer_than_an_inquiry_can_ask_for(
         assert rig.read(f"{SDEV}/vendor") == "Msft    \n"
 
 
+async def test_host_scan_reads_fields_as_scsi_scan_does(tmp_path: Path) -> None:
+    """`scan` (scsi_sysfs.c store_scan → scsi_scan): three fields of at most 10 characters,
+    each '-' or a number as simple_strtoull(s, &last, 0) reads it with nothing left over —
+    so hex and octal are fine, a sign or a '_' is EINVAL; a number out of range is EINVAL.
+    A refused write scans nothing."""
+    async with storvsc_machine(tmp_path) as rig:
+        scan = rig.tree.resolve(f"{DEVICE_DIR}/host0/scsi_host/host0/scan")
+        assert isinstance(scan, Attribute)
+
+        async def write(text: str) -> int:
+            try:
+                out = scan.write(text.encode())
+                if out is not None and not isinstance(out, str):
+                    await out
+            except OSError as e:
+                return e.errno or 0
+            return 0
+
+        for good in ("- - -\n", "0 0 0", "0x0 00 -", "0 1 0x1"):
+            assert await write(good) == 0, good
+        for bad in ("1_0 0 0", "+0 0 0", "0 0", "0 0 0 0", "- - - x", "09 0 0", "0x 0 0",
+                    "00000000000 0 0", "8 0 0", "0 2 0", "0 0 255", "٠ 0 0", "-1 0 0"):
+            assert await write(bad) == errno.EINVAL, bad
+
+
 async def test_number_attributes_take_ascii_numbers_only(tmp_path: Path) -> None:
     """The numeric stores parse as Linux's do (scsi_sysfs.c, sd.c, lib/kstrtox.c): ASCII
     digits only (a Unicode digit such as '²' or '١' is not one: EINVAL, nothing changed,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import struct
 from collections.abc import Awaitable, Callable
 
@@ -65,6 +66,9 @@ _VPD_KEPT = (0x80, 0x83, 0x89, 0xB0, 0xB1, 0xB2)
 _INQUIRY_FIRST = 36              # scsi_probe_lun's first try
 _REPORT_LUNS_LEN = 4096          # (511 + 1) 8-byte entries
 
+
+#: simple_strtoull with base 0, the whole field: hex after 0x, octal after 0, else decimal
+_STRTOULL = re.compile(r"0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*)")
 
 class _Ida:
     """``ida_alloc``: the lowest free number."""
@@ -263,16 +267,17 @@ class ScsiHost:
 
     def scan_store(self, text: str) -> Awaitable[None]:
         """``scan``: "CHANNEL TARGET LUN", each a number or '-' for all (``scsi_scan``)."""
+        # sscanf("%10s %10s %10s %c"), then check_set's simple_strtoull(s, &last, 0) with
+        # nothing left over: no sign, no '_', at most 10 characters a field, nothing after
         parts = text.split()
         vals: list[int | None] = []
-        try:
-            if len(parts) != 3:
-                raise ValueError
-            for p in parts:
-                vals.append(None if p == "-" else int(p, 0))
-        except ValueError:
-            raise OSError(errno.EINVAL, "scan takes 'CHANNEL TARGET LUN' ('-' for all)") \
-                from None
+        for p in parts if len(parts) == 3 else ():
+            if p == "-":
+                vals.append(None)
+            elif len(p) <= 10 and (m := _STRTOULL.fullmatch(p)) is not None:
+                vals.append(int(m[1], 16) if m[1] else int(m[2], 8) if m[2] else int(m[3]))
+        if len(vals) != 3:
+            raise OSError(errno.EINVAL, "scan takes 'CHANNEL TARGET LUN' ('-' for all)")
         return self.scan(*vals)
 
     # -- commands of the midlayer's own ---------------------------------------------------------

@@ -691,6 +691,13 @@ async def test_number_attributes_take_ascii_numbers_only(tmp_path: Path) -> None
         fuzz()
         write(f"{SDEV}/state", b"running\n")
         assert await rig.disk().read(0, 512) == bytes(512)
+        # store_state_field: the name, then a newline; what follows it is not looked at
+        assert write(f"{SDEV}/state", b"offline\nanything") == 0
+        assert rig.read(f"{SDEV}/state") == "offline\n"
+        for bad in (b"offline", b"offlinex\n", b" running\n", b"running \n"):
+            assert write(f"{SDEV}/state", bad) == errno.EINVAL, bad
+        assert write(f"{SDEV}/state", b"running\n\n") == 0
+        assert rig.read(f"{SDEV}/state") == "running\n"
 
 
 # -- a hostile storvsp, generated ---------------------------------------------------------------

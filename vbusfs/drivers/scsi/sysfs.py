@@ -174,12 +174,14 @@ def wwid(sdev: ScsiDevice) -> str:
 
 
 def _store_state(s: ScsiDevice, text: str) -> None:
-    """``store_state_field``: 'running' or 'offline' and a newline."""
-    if not text.endswith("\n") or text[:-1] not in ("running", "offline"):
+    """``store_state_field``: 'running' or 'offline' and a newline (what follows the
+    newline is not looked at, as strncmp + buf[len] == '\\n' does not)."""
+    name, newline, _ = text.partition("\n")
+    if not newline or name not in ("running", "offline"):
         raise OSError(errno.EINVAL, "state takes running or offline")
     if s.state not in ("running", "offline", "blocked"):
         raise OSError(errno.EINVAL, f"a {s.state} device cannot change state")
-    s.state = text[:-1]
+    s.state = name
 
 
 def _store_timeout(s: ScsiDevice, text: str) -> None:

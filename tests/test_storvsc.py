@@ -321,6 +321,7 @@ async def test_enumerate_bus_adds_and_removes_disks(tmp_path: Path) -> None:
         first: ScsiDisk = rig.storvsp.luns[0]
         await rig.storvsp.add_lun(4, dataclasses.replace(first.params, name="hot",
                                                          image=tmp_path / "hot.img"))
+        removed = rig.storvsp.luns[4]
         with trio.fail_after(5):
             while "sdb" not in rig.tree.resolve("dev").children:
                 await trio.sleep(0.01)
@@ -333,6 +334,13 @@ async def test_enumerate_bus_adds_and_removes_disks(tmp_path: Path) -> None:
                 await trio.sleep(0.01)
         assert rig.ctrl.rescans >= 2
         assert "sda" in rig.tree.resolve("dev").children          # the other stays
+        assert removed.image is None and removed.executor is None   # closed at removal
+        await rig.storvsp.add_lun(5, dataclasses.replace(first.params, name="hot2",
+                                                         image=tmp_path / "hot2.img"))
+        hot = rig.storvsp.luns[5]
+        assert hot.image is not None
+    # the machine is down: the disk added while it ran is closed too (its image and thread)
+    assert hot.image is None and hot.executor is None and first.image is None
 
 
 async def test_a_removed_disk_gives_its_pages_back(tmp_path: Path) -> None:

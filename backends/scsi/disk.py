@@ -225,10 +225,13 @@ class ScsiDisk:
         self.executor = ImageExecutor(self.image, p.name)
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-        if self.image is not None:
-            self.image.close()
+        """Stop the I/O thread and close the image; a second call does nothing."""
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.close()
+        image, self.image = self.image, None
+        if image is not None:
+            image.close()
 
     # -- commands --------------------------------------------------------------------------
     def execute(self, cdb: bytes, buf: DataBuffer, token: object) -> ScsiResult | PendingCommand:

@@ -184,7 +184,8 @@ class Storvsp:
             task_status.started()
             await trio.sleep_forever()
         finally:
-            for disk in opened:
+            # those opened here, and those hot-added since (a removed one is closed already)
+            for disk in {*opened, *self.luns.values()}:
                 disk.close()
 
     async def add_lun(self, lun: int, params: ScsiDiskParams) -> None:

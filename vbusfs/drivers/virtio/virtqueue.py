@@ -26,7 +26,7 @@ _F_NEXT = ring.DESC_F_NEXT
 _F_WRITE_NEXT = ring.DESC_F_WRITE | ring.DESC_F_NEXT
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(n: int) -> struct.Struct:
     """An indirect table of ``n`` descriptors, packed at once."""
     return struct.Struct("<" + ring.DESC.format.lstrip("<") * n)

@@ -72,7 +72,10 @@ class ScsiResult:
 GOOD = ScsiResult(HostStatus.SUCCESS, Status.GOOD, None, 0)
 
 
+@functools.lru_cache(maxsize=64)
 def _ok(tx: int) -> ScsiResult:
+    """GOOD with ``tx`` bytes moved; results are frozen, so one per size is shared (a
+    request's answer is one of a few sizes)."""
     return ScsiResult(HostStatus.SUCCESS, Status.GOOD, None, tx)
 
 
@@ -100,7 +103,7 @@ class DataBuffer:
 
     def __init__(self, views: Sequence[memoryview], host_writes: bool) -> None:
         self.views = tuple(views)
-        self.length = sum(len(v) for v in self.views)
+        self.length = sum(map(len, self.views))
         self.host_writes = host_writes
 
     @classmethod
@@ -109,8 +112,11 @@ class DataBuffer:
 
     def iov(self, n: int) -> tuple[memoryview, ...]:
         """The views covering the first ``n`` bytes (``n`` <= length)."""
+        views = self.views
+        if len(views) == 1:                      # the usual buffer: one run of frames
+            return (views[0][:n],) if n > 0 else ()
         out: list[memoryview] = []
-        for v in self.views:
+        for v in views:
             if n <= 0:
                 break
             out.append(v[:n])

@@ -62,6 +62,7 @@ from vbusfs.protocols.vmbus.ring import (
     Packet,
     PacketType,
     parse_gpa_direct,
+    parse_gpa_direct_one,
 )
 from vbusfs.protocols.vmbus.storvsc import NtStatus, Operation, ProtocolVersion, SrbStatus
 
@@ -412,23 +413,26 @@ class Storvsp:
             if dtl:
                 raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
             return DataBuffer.empty()
-        try:
-            ranges = parse_gpa_direct(pkt.header)
-        except ValueError as e:
-            raise _Malformed(str(e)) from None
-        if len(ranges) > 1:
-            raise _Malformed(f"{len(ranges)} GPA ranges (one at most)")
-        if not ranges:
-            if dtl:
-                raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
-            return DataBuffer.empty()
-        r = ranges[0]
-        if r.length < dtl:
-            raise _Malformed(f"range of {r.length} bytes for a transfer of {dtl}")
+        one = parse_gpa_direct_one(pkt.header)      # the usual shape, parsed at once
+        if one is None:
+            try:
+                ranges = parse_gpa_direct(pkt.header)
+            except ValueError as e:
+                raise _Malformed(str(e)) from None
+            if len(ranges) > 1:
+                raise _Malformed(f"{len(ranges)} GPA ranges (one at most)")
+            if not ranges:
+                if dtl:
+                    raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
+                return DataBuffer.empty()
+            one = ranges[0].length, ranges[0].offset, ranges[0].pfns
+        length, offset, pfns = one
+        if length < dtl:
+            raise _Malformed(f"range of {length} bytes for a transfer of {dtl}")
         chan = self._chan
         assert chan is not None and chan.memory is not None
         mem = chan.memory
-        pfns, ring = r.pfns, chan.ring_pfns
+        ring = chan.ring_pfns
         if not pfns:                          # a range of no bytes
             return DataBuffer([], host_writes)
         first, last = pfns[0], pfns[-1]
@@ -442,14 +446,14 @@ class Storvsp:
                                  "in the ring")
             if not dtl:
                 return DataBuffer([], host_writes)
-            return DataBuffer([mem.gpa_view(first * PAGE_SIZE + r.offset, dtl)], host_writes)
+            return DataBuffer([mem.gpa_view(first * PAGE_SIZE + offset, dtl)], host_writes)
         for pfn in pfns:
             if not 0 < pfn < mem.nr_frames or pfn in ring:
                 raise _Malformed(f"PFN {pfn:#x} is outside guest memory or in the ring")
         views: list[memoryview] = []
-        left, at = dtl, r.offset
+        left, at = dtl, offset
         run_start, run_len = -1, 0
-        for pfn in r.pfns:
+        for pfn in pfns:
             if left <= 0:
                 break
             n = min(PAGE_SIZE - at, left)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import struct
 from dataclasses import dataclass, field
@@ -134,6 +135,16 @@ assert _REPLY.size == sv.HEADER.size + 36
 #: the SRB statuses storvsc_handle_error treats as errors the sense (if any) explains
 _SRB_ERRORS = frozenset((SrbStatus.ERROR, SrbStatus.ABORTED, SrbStatus.INVALID_REQUEST,
                          SrbStatus.INTERNAL_ERROR))
+
+
+_SRB_SUCCESS = int(SrbStatus.SUCCESS)
+
+
+@functools.lru_cache(maxsize=64)
+def _ok(transferred: int) -> CmdResult:
+    """A command that went well, ``transferred`` bytes moved: one result per size, shared
+    (a result is frozen)."""
+    return CmdResult(HostByte.DID_OK, 0, b"", transferred)
 
 
 @dataclass(eq=False)
@@ -452,8 +463,8 @@ class Storvsc:
         ``storvsc_handle_error``."""
         raw_status, scsi_status, sense_len, dtl, sense_area = _REPLY.unpack_from(payload)
         length = slot.req.length
-        if raw_status == SrbStatus.SUCCESS and not scsi_status:
-            return CmdResult(HostByte.DID_OK, 0, b"", dtl if dtl < length else length)
+        if raw_status == _SRB_SUCCESS and not scsi_status:
+            return _ok(dtl if dtl < length else length)
         op = slot.req.cdb[0]
         srb_status = raw_status
         if op in (ScsiOp.INQUIRY, ScsiOp.MODE_SENSE):

@@ -92,17 +92,15 @@ class RingEndpoint:
             raise ChannelBroken(self.broken)
         out: list[Packet] = []
         try:
+            rx = self.rx
             while True:
-                self.rx.interrupt_mask = 1
-                while (pkt := self.rx.read()) is not None:
-                    out.append(pkt)
-                    if len(out) == limit:
-                        break
-                if self.rx.commit_read():
+                rx.interrupt_mask = 1
+                out += rx.read_batch(limit - len(out) if limit else 0)
+                if rx.commit_read():
                     self.intr_in_full += 1
                     self.signal()
-                self.rx.interrupt_mask = 0
-                if len(out) == limit or self.rx.bytes_to_read() == 0:
+                rx.interrupt_mask = 0
+                if len(out) == limit or rx.bytes_to_read() == 0:
                     return out
         except RingError as e:
             self.broken = str(e)

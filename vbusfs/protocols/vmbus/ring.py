@@ -17,22 +17,29 @@ instead of reading outside the data area. Signalling follows Linux ``ring_buffer
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "PAGE_SIZE", "RingError", "PacketType", "PACKET_DESCRIPTOR", "COMPLETION_REQUESTED",
     "Packet", "Ring", "init_ring", "GpaRange", "pack_gpa_direct", "pack_gpa_direct_one",
-    "parse_gpa_direct",
+    "parse_gpa_direct", "parse_gpa_direct_one",
 ]
 
 PAGE_SIZE = 4096
 _U32 = struct.Struct("<I")
 PACKET_DESCRIPTOR = struct.Struct("<HHHHQ")  # type, offset8, len8, flags, trans_id
 _TRAILER = struct.Struct("<Q")
+_DESC_SIZE, _TRAILER_SIZE = PACKET_DESCRIPTOR.size, _TRAILER.size
+_DESC_PACK, _TRAILER_PACK = PACKET_DESCRIPTOR.pack_into, _TRAILER.pack_into
+_DESC_UNPACK = PACKET_DESCRIPTOR.unpack_from
+_ZEROS = bytes(8)              # a packet's padding is under 8 bytes
 WRITE_INDEX, READ_INDEX, INTERRUPT_MASK, PENDING_SEND_SZ, FEATURE_BITS = 0, 4, 8, 12, 64
 FEAT_PENDING_SEND_SZ = 1
+_FEATURE_BITS_AT = FEATURE_BITS // 4     # in the header's u32 view
 COMPLETION_REQUESTED = 1  # VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED
 
 
@@ -57,8 +64,10 @@ class PacketType(enum.IntEnum):
     ADDITIONAL_DATA = 0xD
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(NamedTuple):
+    """One packet read off a ring (a named tuple: one is made per packet, on the I/O path,
+    and a frozen dataclass costs a ``setattr`` per field)."""
+
     type: int
     flags: int
     trans_id: int
@@ -91,10 +100,34 @@ def pack_gpa_direct(ranges: list[GpaRange]) -> bytes:
     return b"".join(out)
 
 
+@functools.cache
+def _gpa_one(npfn: int) -> struct.Struct:
+    """The descriptor extension of one range of ``npfn`` frames, as one struct."""
+    return struct.Struct(f"<IIII{npfn}Q")
+
+
 def pack_gpa_direct_one(length: int, offset: int, pfns: Sequence[int]) -> bytes:
     """:func:`pack_gpa_direct` for the common case of one range, without building it (the
     per-request path of a disk)."""
-    return _GPA_ONE.pack(0, 1, length, offset) + struct.pack(f"<{len(pfns)}Q", *pfns)
+    return _gpa_one(len(pfns)).pack(0, 1, length, offset, *pfns)
+
+
+def parse_gpa_direct_one(header: bytes) -> tuple[int, int, tuple[int, ...]] | None:
+    """The range of a GPA-direct descriptor extension that announces exactly one and is
+    exactly as long as that range needs (the per-request path of a disk), with the checks
+    :func:`parse_gpa_direct` makes, as (length, offset, pfns) — a :class:`GpaRange`'s
+    fields; None when the extension is anything else (then
+    :func:`parse_gpa_direct` says what is wrong with it, or parses it)."""
+    n = len(header)
+    if n < _GPA_ONE.size:
+        return None
+    _reserved, count, length, offset = _GPA_ONE.unpack_from(header)
+    if count != 1 or offset >= PAGE_SIZE:
+        return None
+    npfn = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+    if n != _GPA_ONE.size + 8 * npfn:
+        return None
+    return length, offset, _gpa_one(npfn).unpack(header)[4:]
 
 
 def parse_gpa_direct(header: bytes) -> list[GpaRange]:
@@ -228,23 +261,40 @@ class Ring:
         exactly: ``r == w`` means empty); ``signal`` says whether the consumer must be
         interrupted (it had masked nothing and the ring was empty before this packet).
         """
-        if len(header) % 8:
+        hlen, plen = len(header), len(payload)
+        if hlen % 8:
             raise ValueError("descriptor extension must be a multiple of 8 bytes")
-        offset8 = (PACKET_DESCRIPTOR.size + len(header)) // 8
-        len8 = (offset8 * 8 + len(payload) + 7) // 8
+        off = _DESC_SIZE + hlen
+        len8 = (off + plen + 7) // 8
         if len8 > 0xFFFF:
             raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
-        total = len8 * 8 + _TRAILER.size
+        pktlen = len8 * 8
+        total = pktlen + _TRAILER_SIZE
         old_write, r = self._indices()
-        room = self.dsize - (old_write - r) if old_write >= r else r - old_write
+        dsize = self.dsize
+        room = dsize - (old_write - r) if old_write >= r else r - old_write
         if room <= total:
             return False, False
-        pad = len8 * 8 - offset8 * 8 - len(payload)
-        data = (PACKET_DESCRIPTOR.pack(ptype, offset8, len8, flags, trans_id) + header + payload
-                + bytes(pad) + _TRAILER.pack(old_write << 32))
-        new_write = self._copy_in(old_write, data)
-        self._hdr[0] = new_write
-        signal = self._hdr[2] == 0 and old_write == r
+        if old_write + total <= dsize:
+            # no wrap: each part straight into the ring, no packet assembled first
+            view = self.view
+            base = PAGE_SIZE + old_write
+            _DESC_PACK(view, base, ptype, off // 8, len8, flags, trans_id)
+            if hlen:
+                view[base + _DESC_SIZE:base + off] = header
+            end = base + off + plen
+            view[base + off:end] = payload
+            if end < base + pktlen:
+                view[end:base + pktlen] = _ZEROS[:base + pktlen - end]
+            _TRAILER_PACK(view, base + pktlen, old_write << 32)
+            new_write = (old_write + total) % dsize
+        else:
+            data = (PACKET_DESCRIPTOR.pack(ptype, off // 8, len8, flags, trans_id) + header +
+                    payload + bytes(pktlen - off - plen) + _TRAILER.pack(old_write << 32))
+            new_write = self._copy_in(old_write, data)
+        hdr = self._hdr
+        hdr[0] = new_write
+        signal = hdr[2] == 0 and old_write == r
         return True, signal
 
     # -- consumer --------------------------------------------------------------------------
@@ -256,31 +306,55 @@ class Ring:
             self.priv_read_index = r
             self._batch_start = r
         pos = self.priv_read_index
-        avail = w - pos if w >= pos else self.dsize - pos + w
-        if avail == 0:
+        if pos == w:
             return None
-        if avail < PACKET_DESCRIPTOR.size + _TRAILER.size:
+        pkt, self.priv_read_index = self._packet_at(pos, w)
+        return pkt
+
+    def read_batch(self, limit: int = 0) -> list[Packet]:
+        """Every packet in the ring (at most ``limit`` when that is not 0), as :meth:`read`
+        one at a time would return them, with the indices read once. Nothing is published
+        until :meth:`commit_read`."""
+        w, r = self._indices()
+        if self.priv_read_index is None:
+            self.priv_read_index = r
+            self._batch_start = r
+        pos = self.priv_read_index
+        out: list[Packet] = []
+        while pos != w:
+            pkt, pos = self._packet_at(pos, w)
+            self.priv_read_index = pos
+            out.append(pkt)
+            if len(out) == limit:
+                break
+        return out
+
+    def _packet_at(self, pos: int, w: int) -> tuple[Packet, int]:
+        """The packet at ``pos`` (not ``w``: the ring is not empty there), every length
+        in its descriptor checked against the bytes the writer has written, and the
+        position after it."""
+        dsize = self.dsize
+        avail = w - pos if w >= pos else dsize - pos + w
+        if avail < _DESC_SIZE + _TRAILER_SIZE:
             raise RingError(f"{avail} bytes in ring: less than a packet")
         base = PAGE_SIZE + pos
-        if pos + PACKET_DESCRIPTOR.size <= self.dsize:      # no wrap: read it in place
-            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack_from(
-                self.view, base)
+        if pos + _DESC_SIZE <= dsize:                       # no wrap: read it in place
+            ptype, offset8, len8, flags, trans_id = _DESC_UNPACK(self.view, base)
         else:
             ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
-                self._copy_out(pos, PACKET_DESCRIPTOR.size))
+                self._copy_out(pos, _DESC_SIZE))
         plen = len8 * 8
-        if offset8 * 8 < PACKET_DESCRIPTOR.size or offset8 > len8 or plen + 8 > avail:
+        off = offset8 * 8
+        if off < _DESC_SIZE or offset8 > len8 or plen + 8 > avail:
             raise RingError(f"bad packet at {pos}: offset8 {offset8}, len8 {len8}, "
                             f"{avail} bytes available")
-        self.priv_read_index = (pos + plen + _TRAILER.size) % self.dsize
-        off = offset8 * 8
-        if pos + plen <= self.dsize:                        # one copy of each part
+        after = (pos + plen + _TRAILER_SIZE) % dsize
+        if pos + plen <= dsize:                             # one copy of each part
             view = self.view
-            return Packet(ptype, flags, trans_id,
-                          bytes(view[base + PACKET_DESCRIPTOR.size:base + off]),
-                          bytes(view[base + off:base + plen]))
+            return Packet(ptype, flags, trans_id, bytes(view[base + _DESC_SIZE:base + off]),
+                          bytes(view[base + off:base + plen])), after
         body = self._copy_out(pos, plen)
-        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:off], body[off:])
+        return Packet(ptype, flags, trans_id, body[_DESC_SIZE:off], body[off:]), after
 
     def commit_read(self) -> bool:
         """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer
@@ -288,11 +362,12 @@ class Ring:
         if self.priv_read_index is None:
             return False
         start = self._batch_start
-        self._set(READ_INDEX, self.priv_read_index)
+        hdr = self._hdr
+        hdr[1] = self.priv_read_index                       # READ_INDEX
         self.priv_read_index = None
-        if not self.feature_bits & FEAT_PENDING_SEND_SZ:
+        if not hdr[_FEATURE_BITS_AT] & FEAT_PENDING_SEND_SZ:
             return False
-        pending = self.pending_send_sz
+        pending = int(hdr[3])                               # PENDING_SEND_SZ
         if not pending:
             return False
         cur_free = self.bytes_to_write()

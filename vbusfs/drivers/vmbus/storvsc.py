@@ -593,7 +593,7 @@ class StorvscTransport:
             self._dead.append(cmd)
             return
         req = self.sd.setup(cmd)
-        tag = c._take_tag()
+        tag = c._tags.pop()                      # can_post saw one free
         slot = _Slot(self.sdev, req, transport=self, cmd=cmd)
         c._inflight[tag] = slot
         cmd.priv = slot

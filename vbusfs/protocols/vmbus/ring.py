@@ -75,6 +75,10 @@ class Packet(NamedTuple):
     payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
 
 
+#: a Packet from its five fields without the named tuple's Python-level ``__new__``
+_new_packet = tuple.__new__
+
+
 @dataclass(frozen=True)
 class GpaRange:
     """One ``vmbus_multipage_buffer``: ``length`` bytes starting ``offset`` bytes into the
@@ -260,6 +264,8 @@ class Ring:
         ``written`` is False when the ring has no room (the writer must never fill it
         exactly: ``r == w`` means empty); ``signal`` says whether the consumer must be
         interrupted (it had masked nothing and the ring was empty before this packet).
+        A packet written clears ``pending_send_sz`` and the out-full flag (the writer,
+        if it waited for room, has it now).
         """
         hlen, plen = len(header), len(payload)
         if hlen % 8:
@@ -270,8 +276,12 @@ class Ring:
             raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
         pktlen = len8 * 8
         total = pktlen + _TRAILER_SIZE
-        old_write, r = self._indices()
+        hdr = self._hdr
+        old_write, r = int(hdr[0]), int(hdr[1])
         dsize = self.dsize
+        if old_write >= dsize or r >= dsize or old_write % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {old_write}, read {r}, "
+                            f"size {dsize}")
         room = dsize - (old_write - r) if old_write >= r else r - old_write
         if room <= total:
             return False, False
@@ -292,8 +302,11 @@ class Ring:
             data = (PACKET_DESCRIPTOR.pack(ptype, off // 8, len8, flags, trans_id) + header +
                     payload + bytes(pktlen - off - plen) + _TRAILER.pack(old_write << 32))
             new_write = self._copy_in(old_write, data)
-        hdr = self._hdr
         hdr[0] = new_write
+        if self.out_full_flag or hdr[3]:
+            # the writer is not blocked any more: what it set while it waited is cleared
+            self.out_full_flag = False
+            hdr[3] = 0                                      # PENDING_SEND_SZ
         signal = hdr[2] == 0 and old_write == r
         return True, signal
 
@@ -329,6 +342,25 @@ class Ring:
                 break
         return out
 
+    def begin_batch(self, limit: int = 0) -> tuple[list[Packet], bool]:
+        """``hv_begin_read``, :meth:`read_batch` and :meth:`commit_read` in one call (the
+        drain of a doorbell handler): interrupts masked, the packets read, the read
+        index published; with :meth:`commit_read`'s answer. :meth:`end_batch` unmasks."""
+        self._hdr[2] = 1                                    # INTERRUPT_MASK
+        pkts = self.read_batch(limit)
+        return pkts, self.commit_read()
+
+    def end_batch(self) -> bool:
+        """``hv_end_read``: interrupts unmasked; True when packets arrived meanwhile (the
+        writer saw the mask and did not signal: the reader must look again)."""
+        hdr = self._hdr
+        hdr[2] = 0
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        return w != r
+
     def _packet_at(self, pos: int, w: int) -> tuple[Packet, int]:
         """The packet at ``pos`` (not ``w``: the ring is not empty there), every length
         in its descriptor checked against the bytes the writer has written, and the
@@ -351,8 +383,9 @@ class Ring:
         after = (pos + plen + _TRAILER_SIZE) % dsize
         if pos + plen <= dsize:                             # one copy of each part
             view = self.view
-            return Packet(ptype, flags, trans_id, bytes(view[base + _DESC_SIZE:base + off]),
-                          bytes(view[base + off:base + plen])), after
+            return _new_packet(Packet, (ptype, flags, trans_id,
+                                        bytes(view[base + _DESC_SIZE:base + off]),
+                                        bytes(view[base + off:base + plen]))), after
         body = self._copy_out(pos, plen)
         return Packet(ptype, flags, trans_id, body[_DESC_SIZE:off], body[off:]), after
 

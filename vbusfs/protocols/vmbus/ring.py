@@ -34,9 +34,23 @@ _U32 = struct.Struct("<I")
 PACKET_DESCRIPTOR = struct.Struct("<HHHHQ")  # type, offset8, len8, flags, trans_id
 _TRAILER = struct.Struct("<Q")
 _DESC_SIZE, _TRAILER_SIZE = PACKET_DESCRIPTOR.size, _TRAILER.size
-_DESC_PACK, _TRAILER_PACK = PACKET_DESCRIPTOR.pack_into, _TRAILER.pack_into
 _DESC_UNPACK = PACKET_DESCRIPTOR.unpack_from
-_ZEROS = bytes(8)              # a packet's padding is under 8 bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _packet_struct(hlen: int, plen: int) -> struct.Struct:
+    """A whole packet with a ``hlen``-byte descriptor extension and a ``plen``-byte
+    payload: descriptor, extension, payload, zero padding to 8 bytes, trailer — written
+    with one ``pack_into`` (a ring sees few packet shapes)."""
+    pad = -(_DESC_SIZE + hlen + plen) % 8
+    return struct.Struct(f"<HHHHQ{hlen}s{plen}s{pad}xQ")
+
+
+@functools.lru_cache(maxsize=256)
+def _parts_struct(off: int, plen: int) -> struct.Struct:
+    """The descriptor extension and the payload (padding included) of a packet whose
+    ``offset8 * 8`` is ``off`` and ``len8 * 8`` is ``plen``, read (copied) at once."""
+    return struct.Struct(f"<{off - _DESC_SIZE}s{plen - off}s")
 WRITE_INDEX, READ_INDEX, INTERRUPT_MASK, PENDING_SEND_SZ, FEATURE_BITS = 0, 4, 8, 12, 64
 FEAT_PENDING_SEND_SZ = 1
 _FEATURE_BITS_AT = FEATURE_BITS // 4     # in the header's u32 view
@@ -287,16 +301,9 @@ class Ring:
             return False, False
         if old_write + total <= dsize:
             # no wrap: each part straight into the ring, no packet assembled first
-            view = self.view
-            base = PAGE_SIZE + old_write
-            _DESC_PACK(view, base, ptype, off // 8, len8, flags, trans_id)
-            if hlen:
-                view[base + _DESC_SIZE:base + off] = header
-            end = base + off + plen
-            view[base + off:end] = payload
-            if end < base + pktlen:
-                view[end:base + pktlen] = _ZEROS[:base + pktlen - end]
-            _TRAILER_PACK(view, base + pktlen, old_write << 32)
+            _packet_struct(hlen, plen).pack_into(
+                self.view, PAGE_SIZE + old_write, ptype, off // 8, len8, flags, trans_id,
+                header, payload, old_write << 32)
             new_write = (old_write + total) % dsize
         else:
             data = (PACKET_DESCRIPTOR.pack(ptype, off // 8, len8, flags, trans_id) + header +
@@ -382,10 +389,9 @@ class Ring:
                             f"{avail} bytes available")
         after = (pos + plen + _TRAILER_SIZE) % dsize
         if pos + plen <= dsize:                             # one copy of each part
-            view = self.view
-            return _new_packet(Packet, (ptype, flags, trans_id,
-                                        bytes(view[base + _DESC_SIZE:base + off]),
-                                        bytes(view[base + off:base + plen]))), after
+            header, payload = _parts_struct(off, plen).unpack_from(self.view,
+                                                                   base + _DESC_SIZE)
+            return _new_packet(Packet, (ptype, flags, trans_id, header, payload)), after
         body = self._copy_out(pos, plen)
         return Packet(ptype, flags, trans_id, body[_DESC_SIZE:off], body[off:]), after
 

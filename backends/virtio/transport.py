@@ -149,7 +149,7 @@ class VirtioPciFunction(PciDevice):
                          self.driver_features, offered)
                 value &= ~st.FEATURES_OK
         old = self.status
-        self.status = value & 0xFF
+        self.status = int(value) & 0xFF          # an int, whatever the driver wrote
         if value & st.DRIVER_OK and not old & st.DRIVER_OK and not self.broken:
             self._start()
 

@@ -268,7 +268,9 @@ class Storvsp:
             if not self._outbox or self._flush_outbox():
                 self._take(ep)
                 if self._dirty:
-                    self._submit_all()
+                    dirty, self._dirty = self._dirty, set()       # _submit_all, inline
+                    for disk in dirty:
+                        self._submit(disk, self._queues[disk])
             ep.flush_signal()
         except ChannelBroken:
             self.broken = True                # the endpoint has said why
@@ -554,11 +556,6 @@ class Storvsp:
             self._outbox.append((_COMP, trans_id, payload))
 
     # -- the image executors -----------------------------------------------------------------
-    def _submit_all(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for disk in dirty:
-            self._submit(disk, self._queues[disk])
-
     def _submit(self, disk: ScsiDisk, q: collections.deque[DiskRequest]) -> None:
         ex = disk.executor
         if ex is None or ex.busy or not q:

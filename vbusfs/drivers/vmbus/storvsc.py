@@ -138,6 +138,9 @@ _SRB_ERRORS = frozenset((SrbStatus.ERROR, SrbStatus.ABORTED, SrbStatus.INVALID_R
 
 
 _SRB_SUCCESS = int(SrbStatus.SUCCESS)
+_COMPLETE_IO = int(Operation.COMPLETE_IO)
+_VSTOR_PACKET_SIZE = sv.VSTOR_PACKET_SIZE
+_OPERATION = struct.Struct("<I")          # a vstor_packet's operation
 
 
 @functools.lru_cache(maxsize=64)
@@ -437,7 +440,7 @@ class Storvsc:
             self.bogus += 1
             log.warning("storvsc %s: packet of %d bytes dropped", self.dev.name, len(payload))
             return
-        op = int.from_bytes(payload[:4], "little")
+        (op,) = _OPERATION.unpack_from(payload)
         if tid == 0:
             if op in (Operation.ENUMERATE_BUS, Operation.REMOVE_DEVICE):
                 self._schedule_rescan()
@@ -450,13 +453,18 @@ class Storvsc:
             self.bogus += 1
             log.warning("storvsc %s: Incorrect transaction ID %#x", self.dev.name, tid)
             return
-        if len(payload) < sv.VSTOR_PACKET_SIZE or op != Operation.COMPLETE_IO:
+        if len(payload) < _VSTOR_PACKET_SIZE or op != _COMPLETE_IO:
             self.bogus += 1
             log.warning("storvsc %s: invalid completion for tag %d (operation %d, %d bytes); "
                         "the command fails", self.dev.name, tid - 1, op, len(payload))
             self._finish(tid - 1, slot, CmdResult(HostByte.DID_ERROR, 0))
             return
-        self._finish(tid - 1, slot, self._decode(slot, payload))
+        raw_status, scsi_status, _sense_len, dtl, _sense = _REPLY.unpack_from(payload)
+        if raw_status == _SRB_SUCCESS and not scsi_status:    # _decode's first case
+            length = slot.req.length
+            self._finish(tid - 1, slot, _ok(dtl if dtl < length else length))
+        else:
+            self._finish(tid - 1, slot, self._decode(slot, payload))
 
     def _decode(self, slot: _Slot, payload: bytes) -> CmdResult:
         """``storvsc_on_io_completion`` + ``storvsc_command_completion`` +

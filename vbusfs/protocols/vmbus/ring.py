@@ -353,9 +353,25 @@ class Ring:
         """``hv_begin_read``, :meth:`read_batch` and :meth:`commit_read` in one call (the
         drain of a doorbell handler): interrupts masked, the packets read, the read
         index published; with :meth:`commit_read`'s answer. :meth:`end_batch` unmasks."""
-        self._hdr[2] = 1                                    # INTERRUPT_MASK
-        pkts = self.read_batch(limit)
-        return pkts, self.commit_read()
+        hdr = self._hdr
+        hdr[2] = 1                                          # INTERRUPT_MASK
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        if self.priv_read_index is None:
+            self.priv_read_index = r
+            self._batch_start = r
+        pos = self.priv_read_index
+        out: list[Packet] = []
+        packet_at = self._packet_at
+        while pos != w:                                     # read_batch, inline
+            pkt, pos = packet_at(pos, w)
+            self.priv_read_index = pos
+            out.append(pkt)
+            if len(out) == limit:
+                break
+        return out, self.commit_read()
 
     def end_batch(self) -> bool:
         """``hv_end_read``: interrupts unmasked; True when packets arrived meanwhile (the

@@ -249,8 +249,12 @@ class Ring:
         return w - r if w >= r else self.dsize - r + w
 
     def bytes_to_write(self) -> int:
-        w, r = self._indices()
-        return self.dsize - (w - r) if w >= r else r - w
+        hdr = self._hdr                                     # _indices, inline: once a request
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        return dsize - (w - r) if w >= r else r - w
 
     # -- data area helpers ---------------------------------------------------------------
     def _copy_in(self, pos: int, data: bytes) -> int:

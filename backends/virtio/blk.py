@@ -211,6 +211,7 @@ class VirtioBlkDevice:
         """One chain → a request for the executor, or None when it was answered here."""
         self.requests += 1
         out, into = elem.out, elem.into
+        hdr: bytes | memoryview
         if out and into and len(out[0]) == _OUTHDR_SIZE and len(into[-1]) == 1:
             # the layout every driver uses: the header alone, the status byte alone
             hdr, data_out = out[0], out[1:]

@@ -32,7 +32,7 @@ class ChannelBroken(Exception):
 
 
 class RingEndpoint:
-    def __init__(self, rx: Ring, tx: Ring, doorbell: Doorbell, signal_peer: Callable[[], None],
+    def __init__(self, rx: Ring, tx: Ring, doorbell: Doorbell, signal_peer: Callable[[], object],
                  name: str, backlog: int = 256) -> None:
         self.rx = rx
         self.tx = tx

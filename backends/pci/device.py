@@ -24,6 +24,9 @@ from dataclasses import dataclass
 from vbusfs.platform.pci import MsiController
 from vbusfs.protocols import pci
 
+#: an MSI-X table entry's message: address, data
+_MSIX_MESSAGE = struct.Struct("<QI")
+
 log = logging.getLogger(__name__)
 
 __all__ = ["BarSpec", "DecodedBar", "PciDevice", "Msix"]
@@ -88,12 +91,14 @@ class Msix:
     def notify(self, vector: int) -> bool:
         """Fire ``vector``; False when MSI-X is off or the vector does not exist (the caller
         may then fall back to INTx)."""
-        if not self.enabled or not 0 <= vector < self.vectors:
+        control = self._control
+        if not control & pci.MSIX_FLAGS_ENABLE or not 0 <= vector < self.vectors:
             return False
-        if self._masked(vector):
+        if control & pci.MSIX_FLAGS_MASKALL or \
+                self.table[vector * 16 + 12] & pci.MSIX_ENTRY_VECTOR_CTRL_MASKBIT:
             self.pending[vector // 8] |= 1 << (vector % 8)
             return True
-        addr, data = struct.unpack_from("<QI", self.table, vector * 16)
+        addr, data = _MSIX_MESSAGE.unpack_from(self.table, vector * 16)
         self.dev.msi.message(addr, data)
         return True
 

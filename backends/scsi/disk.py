@@ -72,7 +72,10 @@ class ScsiResult:
 GOOD = ScsiResult(HostStatus.SUCCESS, Status.GOOD, None, 0)
 
 
+@functools.lru_cache(maxsize=64)
 def _ok(tx: int) -> ScsiResult:
+    """GOOD with ``tx`` bytes moved; results are frozen, so one per size is shared (a
+    request's answer is one of a few sizes)."""
     return ScsiResult(HostStatus.SUCCESS, Status.GOOD, None, tx)
 
 
@@ -81,6 +84,14 @@ def _illegal(asc: int, host: HostStatus = HostStatus.INVALID_REQUEST) -> ScsiRes
                       scsi.sense_fixed(SenseKey.ILLEGAL_REQUEST, asc), 0)
 
 
+#: READ/WRITE opcodes as ints, for the per-command tests of _rw
+_RW10_OPS = frozenset({int(Op.READ_10), int(Op.WRITE_10)})
+_RW16_OPS = frozenset({int(Op.READ_16), int(Op.WRITE_16)})
+_WRITE_OPS = frozenset({int(Op.WRITE_6), int(Op.WRITE_10), int(Op.WRITE_12), int(Op.WRITE_16)})
+_RELADR_OPS = frozenset({int(Op.READ_10), int(Op.WRITE_10), int(Op.READ_12),
+                         int(Op.WRITE_12)})     # whose byte 1 bit 0 is RELADR
+_WRITE_6 = int(Op.WRITE_6)
+_READ, _WRITE = StorageOp.READ, StorageOp.WRITE
 _RW10 = struct.Struct(">BBIBHB")
 _RW16 = struct.Struct(">BBQIBB")
 _OVERRUN = ScsiResult(HostStatus.DATA_OVERRUN, Status.CHECK_CONDITION,
@@ -100,7 +111,7 @@ class DataBuffer:
 
     def __init__(self, views: Sequence[memoryview], host_writes: bool) -> None:
         self.views = tuple(views)
-        self.length = sum(len(v) for v in self.views)
+        self.length = sum(map(len, self.views))
         self.host_writes = host_writes
 
     @classmethod
@@ -109,8 +120,11 @@ class DataBuffer:
 
     def iov(self, n: int) -> tuple[memoryview, ...]:
         """The views covering the first ``n`` bytes (``n`` <= length)."""
+        views = self.views
+        if len(views) == 1:                      # the usual buffer: one run of frames
+            return (views[0][:n],) if n > 0 else ()
         out: list[memoryview] = []
-        for v in self.views:
+        for v in views:
             if n <= 0:
                 break
             out.append(v[:n])
@@ -380,28 +394,28 @@ class ScsiDisk:
 
     def _rw(self, cdb: bytes, buf: DataBuffer, token: object) -> ScsiResult | PendingCommand:
         op = cdb[0]
-        if op == Op.READ_10 or op == Op.WRITE_10:      # the usual ones, without a Cdb object
+        if op in _RW10_OPS:                      # the usual ones, without a Cdb object
             _op, flags, lba, _g, blocks, _c = _RW10.unpack_from(cdb)
-        elif op == Op.READ_16 or op == Op.WRITE_16:
+        elif op in _RW16_OPS:
             _op, flags, lba, blocks, _g, _c = _RW16.unpack_from(cdb)
         else:
             c = scsi.parse_rw(cdb)
             flags, lba, blocks = c.flags, c.lba, c.blocks
-        write = op in (Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16)
-        if op in (Op.READ_10, Op.WRITE_10, Op.READ_12, Op.WRITE_12) and flags & 0x01:
+        write = op in _WRITE_OPS
+        if flags & 0x01 and op in _RELADR_OPS:
             return _illegal(Asc.INVALID_FIELD_IN_CDB)     # relative addressing
         # a buffer shorter than the CDB says, or no blocks at all: Hyper-V's ILLEGAL BLOCK
-        if blocks == 0 or blocks > buf.length >> self.shift or \
-                not self._in_range(lba, blocks):
+        shift = self.shift
+        if blocks == 0 or blocks > buf.length >> shift or \
+                not (lba < self.blocks and blocks <= self.blocks - lba):     # _in_range
             return _illegal(Asc.LBA_OUT_OF_RANGE)
         if write and self.params.readonly:
             return _WRITE_PROTECTED
         if not write and not buf.host_writes:
             return _illegal(Asc.INVALID_FIELD_IN_CDB)
-        n = blocks << self.shift
-        fua = bool(flags & 0x08) and write and op not in (Op.READ_6, Op.WRITE_6)
-        req = DiskRequest(StorageOp.WRITE if write else StorageOp.READ, lba << self.shift, n,
-                          buf.iov(n), False, fua)
+        n = blocks << shift
+        fua = bool(flags & 0x08) and write and op != _WRITE_6
+        req = DiskRequest(_WRITE if write else _READ, lba << shift, n, buf.iov(n), False, fua)
         return PendingCommand(self, token, [req], n, write)
 
     def _sync(self, cdb: bytes, buf: DataBuffer, token: object) -> ScsiResult | PendingCommand:

@@ -46,6 +46,10 @@ __all__ = ["VirtioBlkDevice", "BlkParams"]
 #: write-zeroes request, at most 1 GiB each
 MAX_DISCARD_SECTORS = (1 << 30) // blk.SECTOR
 MAX_DISCARD_SEG = 1
+_OUTHDR_SIZE = blk.OUTHDR.size
+_OUTHDR_UNPACK = blk.OUTHDR.unpack
+_T_IN, _T_OUT, _SECTOR = blk.T_IN, blk.T_OUT, blk.SECTOR
+_READ, _WRITE = StorageOp.READ, StorageOp.WRITE
 
 
 @dataclass(frozen=True)
@@ -142,23 +146,25 @@ class VirtioBlkDevice:
         if fn is None or answer is None or fn.broken or ex.busy or self._pumping:
             return True
         self._pumping = True
+        queues = fn.queues
+        parse = self._parse
         try:
             while True:
                 work: list[_Work] = []
-                for q in fn.queues:
-                    if q.ready:
-                        while (elem := q.pop()) is not None:
-                            w = self._parse(q, elem)
-                            if w is not None:
-                                work.append(w)
+                for q in queues:
+                    while (elem := q.pop()) is not None:
+                        w = parse(q, elem)
+                        if w is not None:
+                            work.append(w)
                 if work and not ex.submit(work, answer):
                     self._publish(fn)
                     return True                # _done pumps again when the batch is back
                 self._publish(fn)
-                for q in fn.queues:
-                    if q.ready:
-                        q.notify_on()
-                if not any(q.ready and q.pending() for q in fn.queues):
+                more = False
+                for q in queues:
+                    if q.rearm():
+                        more = True
+                if not more:
                     return True
         except QueueError as e:
             fn.fail(str(e))
@@ -205,27 +211,37 @@ class VirtioBlkDevice:
         """One chain → a request for the executor, or None when it was answered here."""
         self.requests += 1
         out, into = elem.out, elem.into
-        if sum(map(len, out)) < blk.OUTHDR.size:
-            raise QueueError("virtio-blk request header too short")
-        if not into or len(into[-1]) < 1:
-            raise QueueError("virtio-blk request without a status byte")
-        hdr, data_out = _split(out, blk.OUTHDR.size)   # ANY_LAYOUT: it may be split
-        rtype, _ioprio, sector = blk.OUTHDR.unpack(hdr)
-        status_byte = into[-1][-1:]
-        data_in = [*into[:-1], into[-1][:-1]] if len(into[-1]) > 1 else into[:-1]
+        hdr: bytes | memoryview
+        if out and into and len(out[0]) == _OUTHDR_SIZE and len(into[-1]) == 1:
+            # the layout every driver uses: the header alone, the status byte alone
+            hdr, data_out = out[0], out[1:]
+            status_byte, data_in = into[-1], into[:-1]
+        else:
+            if sum(map(len, out)) < _OUTHDR_SIZE:
+                raise QueueError("virtio-blk request header too short")
+            if not into or len(into[-1]) < 1:
+                raise QueueError("virtio-blk request without a status byte")
+            hdr, data_out = _split(out, _OUTHDR_SIZE)      # ANY_LAYOUT: it may be split
+            status_byte = into[-1][-1:]
+            data_in = [*into[:-1], into[-1][:-1]] if len(into[-1]) > 1 else into[:-1]
+        rtype, _ioprio, sector = _OUTHDR_UNPACK(hdr)
         p = self.p
-        if rtype == blk.T_IN or rtype == blk.T_OUT:
-            iov = tuple(b for b in (data_in if rtype == blk.T_IN else data_out) if len(b))
+        if rtype == _T_IN or rtype == _T_OUT:
+            iov = tuple(filter(len, data_in if rtype == _T_IN else data_out))
             n = sum(map(len, iov))
-            if not self._range_ok(sector, n) or n == 0:
+            lbs = p.sector_size
+            offset = sector * _SECTOR
+            if n == 0 or offset % lbs or n % lbs or offset + n > self.sectors * _SECTOR:
                 self._answer_now(q, elem, status_byte, blk.S_IOERR)
                 return None
-            if rtype == blk.T_OUT and p.readonly:
-                self._answer_now(q, elem, status_byte, blk.S_IOERR)
-                return None
-            op = StorageOp.READ if rtype == blk.T_IN else StorageOp.WRITE
-            return self._work(op, sector * blk.SECTOR, n, iov, q, elem, status_byte,
-                              n + 1 if rtype == blk.T_IN else 1)
+            if rtype == _T_OUT:
+                if p.readonly:
+                    self._answer_now(q, elem, status_byte, blk.S_IOERR)
+                    return None
+                return _Work(_WRITE, offset, n, iov, False, False, 0, q, elem.head,
+                             status_byte, 1)
+            return _Work(_READ, offset, n, iov, False, False, 0, q, elem.head, status_byte,
+                         n + 1)
         if rtype in (blk.T_FLUSH, blk.T_FLUSH_OUT):
             if "flush" not in p.features:
                 self._answer_now(q, elem, status_byte, blk.S_UNSUPP)

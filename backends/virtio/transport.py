@@ -42,6 +42,7 @@ __all__ = ["VirtioModel", "VirtioPciFunction", "LEGACY_BAR", "MSIX_BAR", "MODERN
 LEGACY_BAR, MSIX_BAR, MODERN_BAR = 0, 1, 4
 COMMON_OFF, ISR_OFF, DEVICE_OFF, NOTIFY_OFF = 0x0000, 0x1000, 0x2000, 0x3000
 REGION = 0x1000
+_DRIVER_OK = int(ids.Status.DRIVER_OK)     # an int: ``int & IntFlag`` builds a flag each time
 NOTIFY_MULT = 4              # QEMU without page-per-vq
 MODERN_BAR_SIZE = 0x4000
 MSIX_BAR_SIZE = 0x1000
@@ -148,7 +149,7 @@ class VirtioPciFunction(PciDevice):
                          self.driver_features, offered)
                 value &= ~st.FEATURES_OK
         old = self.status
-        self.status = value & 0xFF
+        self.status = int(value) & 0xFF          # an int, whatever the driver wrote
         if value & st.DRIVER_OK and not old & st.DRIVER_OK and not self.broken:
             self._start()
 
@@ -218,7 +219,7 @@ class VirtioPciFunction(PciDevice):
             self._notify((offset - NOTIFY_OFF) // NOTIFY_MULT)
 
     def _notify(self, index: int) -> None:
-        if 0 <= index < len(self.queues) and self.status & ids.Status.DRIVER_OK and \
+        if 0 <= index < len(self.queues) and self.status & _DRIVER_OK and \
                 not self.broken:
             self.queues[index].bell.ring()
 

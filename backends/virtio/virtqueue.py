@@ -26,6 +26,13 @@ __all__ = ["DeviceQueue", "Element", "QueueError", "MAX_BUFFERS"]
 #: VIRTQUEUE_MAX_SIZE: the most buffers one element may have (QEMU's limit)
 MAX_BUFFERS = 1024
 _U16 = struct.Struct("<H")
+_DESC_UNPACK = ring.DESC.unpack_from
+_F_NEXT, _F_WRITE, _F_INDIRECT = ring.DESC_F_NEXT, ring.DESC_F_WRITE, ring.DESC_F_INDIRECT
+
+
+def _outside(gpa: int, length: int) -> str:
+    """What :meth:`GuestMemory.gpa_view` says of a range outside guest memory."""
+    return f"GPA range {gpa:#x}+{length:#x} is outside guest memory"
 
 
 class QueueError(Exception):
@@ -60,6 +67,12 @@ class DeviceQueue:
         self._desc: memoryview | None = None
         self._avail: memoryview | None = None
         self._used: memoryview | None = None
+        # guest memory as one view, and its size: a buffer's range is checked against it
+        # and sliced from it in the descriptor walk (what ``gpa_view`` checks, inline)
+        self._ram = self.memory.gpa_view(0, self.memory.size)
+        self._ram_size = len(self._ram)
+        self._used_event_at = ring.used_event_offset(self.size)
+        self._avail_event_at = ring.avail_event_offset(self.size)
 
     def activate(self, event_idx: bool, indirect: bool) -> None:
         """Map the three areas (the driver enabled the queue or set DRIVER_OK)."""
@@ -77,6 +90,8 @@ class DeviceQueue:
             raise QueueError(f"queue {self.index}: {e}") from None
         self.event_idx = event_idx
         self.indirect = indirect
+        self._used_event_at = ring.used_event_offset(qsz)
+        self._avail_event_at = ring.avail_event_offset(qsz)
         self.enabled = True
 
     @property
@@ -99,55 +114,62 @@ class DeviceQueue:
 
     def pop(self) -> Element | None:
         """The next available chain, validated; None when there is none."""
-        if not self.ready or not self.pending():
+        avail = self._avail
+        if avail is None or not self.enabled:
             return None
-        assert self._avail is not None and self._desc is not None
-        slot = self.last_avail % self.size
-        (head,) = _U16.unpack_from(self._avail, 4 + 2 * slot)
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if head >= self.size:
+        last, size = self.last_avail, self.size
+        n = (_U16.unpack_from(avail, 2)[0] - last) & 0xFFFF
+        if not n:
+            return None
+        if n > size:
+            raise QueueError(f"queue {self.index}: avail index moved {n} past last_avail "
+                             f"on a {size}-entry queue")
+        (head,) = _U16.unpack_from(avail, 4 + 2 * (last % size))
+        self.last_avail = (last + 1) & 0xFFFF
+        if head >= size:
             raise QueueError(f"queue {self.index}: head {head} outside the queue")
-        elem = Element(head)
+        assert self._desc is not None
+        out: list[memoryview] = []
+        into: list[memoryview] = []
         table: memoryview | bytes = self._desc
-        limit, i = self.size, head
-        seen = 0
+        limit, i = size, head
+        seen = nbufs = 0
         nested = False
-        mem = self.memory
+        ram, ram_size = self._ram, self._ram_size
+        unpack = _DESC_UNPACK
         while True:
-            addr, length, flags, nxt = ring.DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = unpack(table, 16 * i)
             seen += 1
             if seen > limit:
                 raise QueueError(f"queue {self.index}: descriptor chain loops or is longer "
                                  f"than {limit}")
-            if flags & ring.DESC_F_INDIRECT:
+            if flags & _F_INDIRECT:
                 if nested:
                     raise QueueError("an indirect descriptor inside an indirect table")
                 if not self.indirect:
                     raise QueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
-                if flags & ring.DESC_F_NEXT:
+                if flags & _F_NEXT:
                     raise QueueError("descriptor with both INDIRECT and NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_BUFFERS:
                     raise QueueError(f"indirect table of {length} bytes")
-                try:
-                    table = bytes(mem.gpa_view(addr, length))   # copied, then walked
-                except MemoryError_ as e:
-                    raise QueueError(str(e)) from None
+                if addr + length > ram_size:
+                    raise QueueError(_outside(addr, length))
+                table = bytes(ram[addr:addr + length])        # copied, then walked
                 nested, limit, i, seen = True, length // 16, 0, 0
                 continue
-            try:
-                buf = mem.gpa_view(addr, length)
-            except MemoryError_ as e:
-                raise QueueError(f"queue {self.index}: {e}") from None
-            if flags & ring.DESC_F_WRITE:
-                elem.into.append(buf)
-            elif elem.into:
+            if addr + length > ram_size:
+                raise QueueError(f"queue {self.index}: {_outside(addr, length)}")
+            nbufs += 1
+            if flags & _F_WRITE:
+                into.append(ram[addr:addr + length])
+            elif into:
                 raise QueueError("a device-readable buffer after a device-writable one")
             else:
-                elem.out.append(buf)
-            if len(elem.out) + len(elem.into) > MAX_BUFFERS:
+                out.append(ram[addr:addr + length])
+            if nbufs > MAX_BUFFERS:
                 raise QueueError(f"more than {MAX_BUFFERS} buffers in one chain")
-            if not flags & ring.DESC_F_NEXT:
-                return elem
+            if not flags & _F_NEXT:
+                return Element(head, out, into)
             if nxt >= limit:
                 raise QueueError(f"queue {self.index}: next {nxt} outside the table")
             i = nxt
@@ -171,7 +193,7 @@ class DeviceQueue:
             return False
         _U16.pack_into(self._used, 2, new)
         if self.event_idx:
-            (event,) = _U16.unpack_from(self._avail, ring.used_event_offset(self.size))
+            (event,) = _U16.unpack_from(self._avail, self._used_event_at)
             want = ring.need_event(event, new, old)
         else:
             (flags,) = _U16.unpack_from(self._avail, 0)
@@ -179,12 +201,20 @@ class DeviceQueue:
         self.signalled_used = new
         return want
 
+    def rearm(self) -> bool:
+        """:meth:`notify_on`, then whether buffers were made available meanwhile (the
+        driver did not kick for those: the caller must pop again)."""
+        if self._used is None or not self.enabled:
+            return False
+        self.notify_on()
+        return self.pending() > 0
+
     def notify_on(self) -> None:
         """Ask the driver to kick for anything after what was popped (``avail_event``, or
         clear NO_NOTIFY)."""
         if self._used is None:
             return
         if self.event_idx:
-            _U16.pack_into(self._used, ring.avail_event_offset(self.size), self.last_avail)
+            _U16.pack_into(self._used, self._avail_event_at, self.last_avail)
         else:
             _U16.pack_into(self._used, 0, 0)

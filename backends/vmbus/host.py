@@ -9,6 +9,7 @@ and logged where the protocol has no error reply), never with an exception.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -282,7 +283,8 @@ class VmbusHost:
                target_vp: int) -> None:
         relid = chan.relid
         chan.endpoint = RingEndpoint(guest_out, guest_in, chan.doorbell,
-                                     lambda: self.synic.interrupt_guest(relid), chan.name)
+                                     functools.partial(self.synic.interrupt_guest, relid),
+                                     chan.name)
         chan.gpadl_in_use = gpadl
         chan.target_vp = target_vp
         chan.opened += 1

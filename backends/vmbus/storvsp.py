@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import logging
 import struct
 from collections.abc import Iterable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import trio
 
@@ -62,6 +63,7 @@ from vbusfs.protocols.vmbus.ring import (
     Packet,
     PacketType,
     parse_gpa_direct,
+    parse_gpa_direct_one,
 )
 from vbusfs.protocols.vmbus.storvsc import NtStatus, Operation, ProtocolVersion, SrbStatus
 
@@ -126,6 +128,10 @@ _SRB_FIELDS = struct.Struct("<5xBBBBxBxI20s16x")
 #: reserved, data_transfer_length, the sense in the CDB union, the WIN8 extension zeroed
 _COMPLETION = struct.Struct("<IIIHBB4xBBxxI20s16x")
 assert _COMPLETION.size == sv.VSTOR_PACKET_SIZE and _SRB_FIELDS.size == sv.SRB_SIZE
+_HEADER, _HEADER_SIZE, _SRB_SIZE = sv.HEADER, sv.HEADER.size, sv.SRB_SIZE
+_EXECUTE_SRB, _COMP = int(Operation.EXECUTE_SRB), int(PacketType.COMP)
+#: an _SrbView from the unpacked fields without the named tuple's Python-level ``__new__``
+_new_srb_view = tuple.__new__
 
 
 def disk_params(lun: ScsiLunConfig, name: str) -> ScsiDiskParams:
@@ -259,9 +265,12 @@ class Storvsp:
             # One drain: a packet the guest writes after it found the ring empty, and
             # signals; the doorbell runs this handler again for that (poll left the read
             # index published and interrupts unmasked).
-            if self._flush_outbox():
+            if not self._outbox or self._flush_outbox():
                 self._take(ep)
-                self._submit_all()
+                if self._dirty:
+                    dirty, self._dirty = self._dirty, set()       # _submit_all, inline
+                    for disk in dirty:
+                        self._submit(disk, self._queues[disk])
             ep.flush_signal()
         except ChannelBroken:
             self.broken = True                # the endpoint has said why
@@ -327,8 +336,12 @@ class Storvsp:
                         pkt.trans_id)
             return
         payload = pkt.payload
-        size = max(0, min(len(payload) - sv.HEADER.size, sv.SRB_SIZE))
+        size = max(0, min(len(payload) - _HEADER_SIZE, _SRB_SIZE))
         try:
+            if size and self.state is _State.READY and \
+                    _HEADER.unpack_from(payload)[0] == _EXECUTE_SRB:
+                self._execute_srb(pkt, size)          # the I/O path, straight
+                return
             op, _flags, _status = sv.unpack_header(payload)
             if op not in _KNOWN_OPS:
                 self.malformed += 1
@@ -412,23 +425,26 @@ class Storvsp:
             if dtl:
                 raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
             return DataBuffer.empty()
-        try:
-            ranges = parse_gpa_direct(pkt.header)
-        except ValueError as e:
-            raise _Malformed(str(e)) from None
-        if len(ranges) > 1:
-            raise _Malformed(f"{len(ranges)} GPA ranges (one at most)")
-        if not ranges:
-            if dtl:
-                raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
-            return DataBuffer.empty()
-        r = ranges[0]
-        if r.length < dtl:
-            raise _Malformed(f"range of {r.length} bytes for a transfer of {dtl}")
+        one = parse_gpa_direct_one(pkt.header)      # the usual shape, parsed at once
+        if one is None:
+            try:
+                ranges = parse_gpa_direct(pkt.header)
+            except ValueError as e:
+                raise _Malformed(str(e)) from None
+            if len(ranges) > 1:
+                raise _Malformed(f"{len(ranges)} GPA ranges (one at most)")
+            if not ranges:
+                if dtl:
+                    raise _Malformed(f"{dtl} bytes to transfer and no GPA range")
+                return DataBuffer.empty()
+            one = ranges[0].length, ranges[0].offset, ranges[0].pfns
+        length, offset, pfns = one
+        if length < dtl:
+            raise _Malformed(f"range of {length} bytes for a transfer of {dtl}")
         chan = self._chan
         assert chan is not None and chan.memory is not None
         mem = chan.memory
-        pfns, ring = r.pfns, chan.ring_pfns
+        ring = chan.ring_pfns
         if not pfns:                          # a range of no bytes
             return DataBuffer([], host_writes)
         first, last = pfns[0], pfns[-1]
@@ -442,14 +458,14 @@ class Storvsp:
                                  "in the ring")
             if not dtl:
                 return DataBuffer([], host_writes)
-            return DataBuffer([mem.gpa_view(first * PAGE_SIZE + r.offset, dtl)], host_writes)
+            return DataBuffer([mem.gpa_view(first * PAGE_SIZE + offset, dtl)], host_writes)
         for pfn in pfns:
             if not 0 < pfn < mem.nr_frames or pfn in ring:
                 raise _Malformed(f"PFN {pfn:#x} is outside guest memory or in the ring")
         views: list[memoryview] = []
-        left, at = dtl, r.offset
+        left, at = dtl, offset
         run_start, run_len = -1, 0
-        for pfn in r.pfns:
+        for pfn in pfns:
             if left <= 0:
                 break
             n = min(PAGE_SIZE - at, left)
@@ -470,8 +486,8 @@ class Storvsp:
         if size < 16:
             raise _Malformed(f"SRB of {size} bytes: shorter than its fixed part")
         payload = pkt.payload
-        if size == sv.SRB_SIZE:               # the usual case: no dataclass on the way
-            srb = _SrbView(*_SRB_FIELDS.unpack_from(payload, sv.HEADER.size))
+        if size == _SRB_SIZE:                 # the usual case: no dataclass on the way
+            srb = _new_srb_view(_SrbView, _SRB_FIELDS.unpack_from(payload, _HEADER_SIZE))
         else:
             full = sv.Srb.unpack(payload[sv.HEADER.size:sv.HEADER.size + size])
             srb = _SrbView(full.path_id, full.target_id, full.lun, full.cdb_length,
@@ -530,23 +546,16 @@ class Storvsp:
     def _complete(self, trans_id: int, size: int, r: ScsiResult) -> None:
         """COMPLETE_IO with the SRB OpenVMM answers: its length 0x34, the statuses, CDB
         length 16, sense length 0x14, the bytes moved, the sense in the CDB's place."""
-        srb_status = _HOST_STATUS_SRB[r.host] | (sv.SRB_STATUS_AUTOSENSE_VALID if r.sense
-                                                 else 0)
-        nt = NtStatus.SUCCESS if srb_status == SrbStatus.SUCCESS else \
-            sv.srb_status_to_ntstatus(srb_status)
-        payload = _COMPLETION.pack(Operation.COMPLETE_IO, 0, nt, sv.SRB_SIZE, srb_status,
-                                   r.status, sv.STORVSC_MAX_CMD_LEN, sv.SENSE_BUFFER_SIZE,
-                                   r.tx, r.sense or b"")
-        if size != sv.SRB_SIZE:
-            payload = payload[:sv.HEADER.size + size].ljust(sv.HEADER.size + size, b"\0")
-        self._write(PacketType.COMP, trans_id, payload)
+        payload = _completion(r)
+        if size != _SRB_SIZE:
+            payload = payload[:_HEADER_SIZE + size].ljust(_HEADER_SIZE + size, b"\0")
+        ep = self._ep
+        if ep is None:
+            return
+        if self._outbox or not ep.try_write(_COMP, 0, trans_id, payload):
+            self._outbox.append((_COMP, trans_id, payload))
 
     # -- the image executors -----------------------------------------------------------------
-    def _submit_all(self) -> None:
-        dirty, self._dirty = self._dirty, set()
-        for disk in dirty:
-            self._submit(disk, self._queues[disk])
-
     def _submit(self, disk: ScsiDisk, q: collections.deque[DiskRequest]) -> None:
         ex = disk.executor
         if ex is None or ex.busy or not q:
@@ -565,7 +574,8 @@ class Storvsp:
             assert pc is not None
             disks.add(pc.disk)
             if pc.finished(req) and pc.result is not None:
-                gen, tid, size = cast(tuple[int, int, int], pc.token)
+                token: tuple[int, int, int] = pc.token   # type: ignore[assignment]
+                gen, tid, size = token
                 if gen == self._gen and self._ep is not None:
                     self._complete(tid, size, pc.result)
         if self._in_handler:
@@ -586,6 +596,17 @@ class Storvsp:
             ep.flush_signal()
         except ChannelBroken:
             self.broken = True
+
+
+@functools.lru_cache(maxsize=64)
+def _completion(r: ScsiResult) -> bytes:
+    """The whole COMPLETE_IO for a result (a result is frozen and most are one of a few,
+    so their answers are kept)."""
+    srb_status = _HOST_STATUS_SRB[r.host] | (sv.SRB_STATUS_AUTOSENSE_VALID if r.sense else 0)
+    nt = NtStatus.SUCCESS if srb_status == SrbStatus.SUCCESS else \
+        sv.srb_status_to_ntstatus(srb_status)
+    return _COMPLETION.pack(Operation.COMPLETE_IO, 0, nt, sv.SRB_SIZE, srb_status, r.status,
+                            sv.STORVSC_MAX_CMD_LEN, sv.SENSE_BUFFER_SIZE, r.tx, r.sense or b"")
 
 
 def _illegal_cdb() -> ScsiResult:

@@ -29,6 +29,7 @@ class GuestMemory:
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size {size} is not a positive multiple of 4 KiB")
         self.nr_frames = size // PAGE_SIZE
+        self._size = size                      # what gpa_view checks against, per call
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._mem = memoryview(self._map)
         # Free extents as (start_pfn, count), kept sorted; frame 0 is never handed out so
@@ -84,7 +85,7 @@ class GuestMemory:
 
     def gpa_view(self, gpa: int, length: int) -> memoryview:
         """A view of ``length`` bytes at guest-physical address ``gpa``."""
-        if gpa < 0 or length < 0 or gpa + length > self.size:
+        if gpa < 0 or length < 0 or gpa + length > self._size:
             raise MemoryError_(f"GPA range {gpa:#x}+{length:#x} is outside guest memory")
         return self._mem[gpa:gpa + length]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from vbusfs.block.contract import Command, Limits, Op, Transport
 from vbusfs.block.engine import Engine
@@ -65,10 +65,11 @@ class CmdResult:
     data: bytes = b""            # data in, for the midlayer's own commands
 
 
-@dataclass(frozen=True)
-class ScsiRequest:
+class ScsiRequest(NamedTuple):
     """What sd makes of an engine command: the CDB, the direction, and the data as
-    ``length`` bytes in ``pages`` (guest frames, starting at offset 0 of the first)."""
+    ``length`` bytes in ``pages`` (guest frames, starting at offset 0 of the first). A
+    named tuple: one is made per command, and a frozen dataclass sets each field through
+    ``object.__setattr__``."""
 
     cdb: bytes
     direction: Direction

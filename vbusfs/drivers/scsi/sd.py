@@ -29,6 +29,7 @@ from vbusfs.drivers.scsi.device import (
     RETRY,
     CmdResult,
     Direction,
+    HostByte,
     ScsiDevice,
     ScsiRequest,
     decide,
@@ -54,6 +55,8 @@ SD_MAX_WS16_BLOCKS = 0x7FFFFF
 #: lines on x86)
 SD_DISK_DMA_ALIGNMENT = 63
 _UNMAP_PARAM_LEN = 24            # one descriptor: 8-byte header + 16
+_DID_OK = int(HostByte.DID_OK)
+_DATA_OPS = frozenset({Op.READ, Op.WRITE})
 
 
 def sd_disk_name(index: int) -> str:
@@ -241,8 +244,10 @@ class SdDisk:
     def finish(self, cmd: Command, result: CmdResult) -> int:
         """``sd_done`` + ``scsi_io_completion``: 0, an errno, or RETRY. A read or write that
         moved less than asked failed (the engine has no partial completions)."""
-        err = decide(result)
-        if err == 0 and cmd.op in (Op.READ, Op.WRITE) and result.transferred != cmd.nbytes:
+        # decide() answers 0 at once for DID_OK and GOOD, the usual answer
+        err = 0 if result.host == _DID_OK and result.status == Status.GOOD else \
+            decide(result)
+        if err == 0 and cmd.op in _DATA_OPS and result.transferred != cmd.nbytes:
             err = errno.EIO
         if err != RETRY:
             self.sdev.iodone_cnt += 1

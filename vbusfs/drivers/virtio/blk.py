@@ -51,6 +51,9 @@ _STATUS_AT = 32
 _UINT_MAX = 0xFFFFFFFF
 _OP_TYPE = {Op.READ: blk.T_IN, Op.WRITE: blk.T_OUT, Op.FLUSH: blk.T_FLUSH,
             Op.DISCARD: blk.T_DISCARD}
+_READ, _WRITE, _DRV_IN, _DISCARD = Op.READ, Op.WRITE, Op.DRV_IN, Op.DISCARD
+_OUTHDR_PACK = blk.OUTHDR.pack_into
+_OUTHDR_SIZE = blk.OUTHDR.size
 #: status byte → errno (virtblk_result)
 _ERRNO = {blk.S_OK: 0, blk.S_UNSUPP: errno.EOPNOTSUPP}
 
@@ -92,10 +95,19 @@ class VirtioBlkTransport:
     def _segments(self, cmd: Command) -> list[tuple[int, int]]:
         """The data as (gpa, length) buffers: pages contiguous in guest memory merged, up to
         the segment size; only the last may be short."""
-        out: list[tuple[int, int]] = []
         left = cmd.nbytes
         maxseg = self.limits.max_segment_size
         pages = cmd.pages
+        if left <= 0 or not pages:
+            return []
+        first = pages[0]
+        if len(pages) == 1:                      # one page: one buffer (a page ≤ maxseg)
+            if PAGE_SIZE <= maxseg:
+                return [(first * PAGE_SIZE, min(left, PAGE_SIZE))]
+        elif len(pages) * PAGE_SIZE <= maxseg and pages == list(range(first,
+                                                                      first + len(pages))):
+            return [(first * PAGE_SIZE, min(left, len(pages) * PAGE_SIZE))]
+        out: list[tuple[int, int]] = []
         i = 0
         while left > 0 and i < len(pages):
             start = pages[i]
@@ -122,25 +134,36 @@ class VirtioBlkTransport:
         return 1 if self.indirect else 0            # the indirect table
 
     def post(self, cmd: Command) -> None:
-        q = self._queue(cmd)
-        slot = _SLOT * cmd.id
+        queues = self.queues
+        cid = cmd.id
+        q = queues[cid % len(queues)]
+        slot = _SLOT * cid
         gpa = self.area_gpa + slot
-        self.area[slot + _STATUS_AT] = 0xFF        # not answered yet
-        if cmd.op == Op.DRV_IN:
-            blk.OUTHDR.pack_into(self.area, slot, cmd.code, 0, 0)
+        area = self.area
+        area[slot + _STATUS_AT] = 0xFF             # not answered yet
+        op = cmd.op
+        status = [(gpa + _STATUS_AT, 1)]
+        if op == _READ:
+            _OUTHDR_PACK(area, slot, blk.T_IN, 0, cmd.sector)
+            out = [(gpa, _OUTHDR_SIZE)]
+            into = self._segments(cmd) + status
+        elif op == _WRITE:
+            _OUTHDR_PACK(area, slot, blk.T_OUT, 0, cmd.sector)
+            out = [(gpa, _OUTHDR_SIZE), *self._segments(cmd)]
+            into = status
+        elif op == _DRV_IN:
+            _OUTHDR_PACK(area, slot, cmd.code, 0, 0)
+            out = [(gpa, _OUTHDR_SIZE)]
+            into = self._segments(cmd) + status
         else:
-            blk.OUTHDR.pack_into(self.area, slot, _OP_TYPE[cmd.op], 0, cmd.sector)
-        out = [(gpa, blk.OUTHDR.size)]
-        into = [(gpa + _STATUS_AT, 1)]
-        if cmd.op == Op.WRITE:
-            out += self._segments(cmd)
-        elif cmd.op in (Op.READ, Op.DRV_IN):
-            into = self._segments(cmd) + into
-        elif cmd.op == Op.DISCARD:
-            blk.DISCARD_SEG.pack_into(self.area, slot + 16, cmd.sector, cmd.nsectors, 0)
-            out.append((gpa + 16, blk.DISCARD_SEG.size))
+            _OUTHDR_PACK(area, slot, _OP_TYPE[op], 0, cmd.sector)
+            out = [(gpa, _OUTHDR_SIZE)]
+            into = status
+            if op == _DISCARD:
+                blk.DISCARD_SEG.pack_into(area, slot + 16, cmd.sector, cmd.nsectors, 0)
+                out.append((gpa + 16, blk.DISCARD_SEG.size))
         table = cmd.extra_pages[0] * PAGE_SIZE if self.indirect else None
-        q.add(out, into, cmd.id, table)
+        q.add(out, into, cid, table)
         cmd.priv = q.index
         self._touched.add(q.index)
 

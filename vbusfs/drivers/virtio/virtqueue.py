@@ -10,6 +10,7 @@ what was in flight instead of trusting anything more from the device.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,16 @@ from vbusfs.protocols.virtio import ring
 __all__ = ["DriverQueue", "QueueBroken"]
 
 _U16 = struct.Struct("<H")
+_DESC_PACK = ring.DESC.pack_into
+_USED_ELEM_UNPACK = ring.USED_ELEM.unpack_from
+_F_NEXT = ring.DESC_F_NEXT
+_F_WRITE_NEXT = ring.DESC_F_WRITE | ring.DESC_F_NEXT
+
+
+@functools.cache
+def _table(n: int) -> struct.Struct:
+    """An indirect table of ``n`` descriptors, packed at once."""
+    return struct.Struct("<" + ring.DESC.format.lstrip("<") * n)
 
 
 class QueueBroken(Exception):
@@ -57,6 +68,8 @@ class DriverQueue:
         self.avail_idx = 0          # the driver's shadow of avail.idx
         self._kicked = 0            # avail.idx at the last notification decision
         self.last_used = 0
+        self._used_event_at = ring.used_event_offset(size)
+        self._avail_event_at = ring.avail_event_offset(size)
         self.broken = ""
         self.kicks = 0
 
@@ -86,20 +99,29 @@ class DriverQueue:
         (guest-physical address, length) available, carrying ``token``; with indirect
         descriptors the chain goes in the table at ``table_gpa``. Published by
         :meth:`publish`."""
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, ring.DESC_F_WRITE) for a, n in into]
-        nb = len(bufs)
-        pack = ring.DESC.pack_into
+        nb = len(out) + len(into)
         if self.indirect and nb > 1:
             if table_gpa is None:
                 raise ValueError("an indirect chain needs a table")
-            table = self.memory.gpa_view(table_gpa, 16 * nb)
-            for i, (a, n, f) in enumerate(bufs):
-                pack(table, 16 * i, a, n, f | (ring.DESC_F_NEXT if i < nb - 1 else 0),
-                     i + 1 if i < nb - 1 else 0)
+            # the whole table in one pack: (addr, len, flags, next) per buffer, each but
+            # the last chained to the one after it
+            fields: list[int] = []
+            i = 0
+            for a, n in out:
+                i += 1
+                fields += (a, n, _F_NEXT, i)
+            for a, n in into:
+                i += 1
+                fields += (a, n, _F_WRITE_NEXT, i)
+            fields[-2] &= ~_F_NEXT
+            fields[-1] = 0
+            _table(nb).pack_into(self.memory.gpa_view(table_gpa, 16 * nb), 0, *fields)
             head = self._free.pop()
-            pack(self._desc, 16 * head, table_gpa, 16 * nb, ring.DESC_F_INDIRECT, 0)
+            _DESC_PACK(self._desc, 16 * head, table_gpa, 16 * nb, ring.DESC_F_INDIRECT, 0)
             chain = [head]
         else:
+            bufs = [(a, n, 0) for a, n in out] + [(a, n, ring.DESC_F_WRITE) for a, n in into]
+            pack = _DESC_PACK
             if nb > len(self._free):
                 raise ValueError("not enough free descriptors")
             chain = [self._free.pop() for _ in range(nb)]
@@ -123,7 +145,7 @@ class DriverQueue:
         _U16.pack_into(self._avail, 2, new)
         self._kicked = new
         if self.event_idx:
-            (event,) = _U16.unpack_from(self._used, ring.avail_event_offset(self.size))
+            (event,) = _U16.unpack_from(self._used, self._avail_event_at)
             return ring.need_event(event, new, old)
         (flags,) = _U16.unpack_from(self._used, 0)
         return not flags & ring.USED_F_NO_NOTIFY
@@ -139,23 +161,26 @@ class DriverQueue:
         answered what was not asked."""
         if self.broken:
             raise QueueBroken(self.broken)
-        (used_idx,) = _U16.unpack_from(self._used, 2)
-        if used_idx == self.last_used:
+        used = self._used
+        (used_idx,) = _U16.unpack_from(used, 2)
+        last, size = self.last_used, self.size
+        if used_idx == last:
             return None
-        if (used_idx - self.last_used) & 0xFFFF > self.in_flight:
+        if (used_idx - last) & 0xFFFF > size - len(self._free):
             return self._bad(f"used index {used_idx} is ahead of the buffers in flight")
-        slot = self.last_used % self.size
-        head, length = ring.USED_ELEM.unpack_from(self._used, 4 + 8 * slot)
-        if head >= self.size or self.tokens[head] is None:
+        head, length = _USED_ELEM_UNPACK(used, 4 + 8 * (last % size))
+        tokens = self.tokens
+        if head >= size or (token := tokens[head]) is None:
             return self._bad(f"used id {head} is not a head in flight")
-        token = self.tokens[head]
-        assert token is not None
         chain = self._chains[head]
         assert chain is not None
-        self.tokens[head] = None
+        tokens[head] = None
         self._chains[head] = None
-        self._free.extend(reversed(chain))
-        self.last_used = (self.last_used + 1) & 0xFFFF
+        if len(chain) == 1:
+            self._free.append(chain[0])
+        else:
+            self._free.extend(reversed(chain))
+        self.last_used = (last + 1) & 0xFFFF
         return token, length
 
     def _bad(self, why: str) -> tuple[int, int]:
@@ -166,7 +191,7 @@ class DriverQueue:
         """Ask for an interrupt at the next used buffer (``virtqueue_enable_cb``); True if
         some are already there, so the caller must look again."""
         if self.event_idx:
-            _U16.pack_into(self._avail, ring.used_event_offset(self.size), self.last_used)
+            _U16.pack_into(self._avail, self._used_event_at, self.last_used)
         else:
             (flags,) = _U16.unpack_from(self._avail, 0)
             _U16.pack_into(self._avail, 0, flags & ~ring.AVAIL_F_NO_INTERRUPT)

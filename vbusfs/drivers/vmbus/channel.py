@@ -8,6 +8,7 @@ at ``downstream_ringbuffer_pageoffset``.
 from __future__ import annotations
 
 import enum
+import functools
 
 from vbusfs.drivers.vmbus.connection import OpenError, VmbusConnection
 from vbusfs.platform.doorbell import Doorbell
@@ -80,11 +81,8 @@ class GuestChannel:
             mem.free(pfn, total)
             raise
         self._ring_pfn, self._ring_pages = pfn, total
-        synic, conn = self.conn.synic, self.sig_event
-
-        def signal_host() -> None:
-            synic.signal_event(conn)   # vmbus_setevent: HvSignalEvent(sig_event)
-
+        # vmbus_setevent: HvSignalEvent(sig_event) (a partial: no Python frame of its own)
+        signal_host = functools.partial(self.conn.synic.signal_event, self.sig_event)
         self.endpoint = RingEndpoint(Ring(in_view), Ring(out_view), self.doorbell,
                                      signal_host, f"guest relid {self.relid}")
         self.state = ChannelState.OPENED

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import struct
 from dataclasses import dataclass, field
@@ -134,6 +135,19 @@ assert _REPLY.size == sv.HEADER.size + 36
 #: the SRB statuses storvsc_handle_error treats as errors the sense (if any) explains
 _SRB_ERRORS = frozenset((SrbStatus.ERROR, SrbStatus.ABORTED, SrbStatus.INVALID_REQUEST,
                          SrbStatus.INTERNAL_ERROR))
+
+
+_SRB_SUCCESS = int(SrbStatus.SUCCESS)
+_COMPLETE_IO = int(Operation.COMPLETE_IO)
+_VSTOR_PACKET_SIZE = sv.VSTOR_PACKET_SIZE
+_OPERATION = struct.Struct("<I")          # a vstor_packet's operation
+
+
+@functools.lru_cache(maxsize=64)
+def _ok(transferred: int) -> CmdResult:
+    """A command that went well, ``transferred`` bytes moved: one result per size, shared
+    (a result is frozen)."""
+    return CmdResult(HostByte.DID_OK, 0, b"", transferred)
 
 
 @dataclass(eq=False)
@@ -426,7 +440,7 @@ class Storvsc:
             self.bogus += 1
             log.warning("storvsc %s: packet of %d bytes dropped", self.dev.name, len(payload))
             return
-        op = int.from_bytes(payload[:4], "little")
+        (op,) = _OPERATION.unpack_from(payload)
         if tid == 0:
             if op in (Operation.ENUMERATE_BUS, Operation.REMOVE_DEVICE):
                 self._schedule_rescan()
@@ -439,21 +453,26 @@ class Storvsc:
             self.bogus += 1
             log.warning("storvsc %s: Incorrect transaction ID %#x", self.dev.name, tid)
             return
-        if len(payload) < sv.VSTOR_PACKET_SIZE or op != Operation.COMPLETE_IO:
+        if len(payload) < _VSTOR_PACKET_SIZE or op != _COMPLETE_IO:
             self.bogus += 1
             log.warning("storvsc %s: invalid completion for tag %d (operation %d, %d bytes); "
                         "the command fails", self.dev.name, tid - 1, op, len(payload))
             self._finish(tid - 1, slot, CmdResult(HostByte.DID_ERROR, 0))
             return
-        self._finish(tid - 1, slot, self._decode(slot, payload))
+        raw_status, scsi_status, _sense_len, dtl, _sense = _REPLY.unpack_from(payload)
+        if raw_status == _SRB_SUCCESS and not scsi_status:    # _decode's first case
+            length = slot.req.length
+            self._finish(tid - 1, slot, _ok(dtl if dtl < length else length))
+        else:
+            self._finish(tid - 1, slot, self._decode(slot, payload))
 
     def _decode(self, slot: _Slot, payload: bytes) -> CmdResult:
         """``storvsc_on_io_completion`` + ``storvsc_command_completion`` +
         ``storvsc_handle_error``."""
         raw_status, scsi_status, sense_len, dtl, sense_area = _REPLY.unpack_from(payload)
         length = slot.req.length
-        if raw_status == SrbStatus.SUCCESS and not scsi_status:
-            return CmdResult(HostByte.DID_OK, 0, b"", dtl if dtl < length else length)
+        if raw_status == _SRB_SUCCESS and not scsi_status:
+            return _ok(dtl if dtl < length else length)
         op = slot.req.cdb[0]
         srb_status = raw_status
         if op in (ScsiOp.INQUIRY, ScsiOp.MODE_SENSE):
@@ -582,7 +601,7 @@ class StorvscTransport:
             self._dead.append(cmd)
             return
         req = self.sd.setup(cmd)
-        tag = c._take_tag()
+        tag = c._tags.pop()                      # can_post saw one free
         slot = _Slot(self.sdev, req, transport=self, cmd=cmd)
         c._inflight[tag] = slot
         cmd.priv = slot

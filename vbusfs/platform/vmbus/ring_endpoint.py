@@ -32,7 +32,7 @@ class ChannelBroken(Exception):
 
 
 class RingEndpoint:
-    def __init__(self, rx: Ring, tx: Ring, doorbell: Doorbell, signal_peer: Callable[[], None],
+    def __init__(self, rx: Ring, tx: Ring, doorbell: Doorbell, signal_peer: Callable[[], object],
                  name: str, backlog: int = 256) -> None:
         self.rx = rx
         self.tx = tx
@@ -92,17 +92,14 @@ class RingEndpoint:
             raise ChannelBroken(self.broken)
         out: list[Packet] = []
         try:
+            rx = self.rx
             while True:
-                self.rx.interrupt_mask = 1
-                while (pkt := self.rx.read()) is not None:
-                    out.append(pkt)
-                    if len(out) == limit:
-                        break
-                if self.rx.commit_read():
+                pkts, wake = rx.begin_batch(limit - len(out) if limit else 0)
+                out += pkts
+                if wake:
                     self.intr_in_full += 1
                     self.signal()
-                self.rx.interrupt_mask = 0
-                if len(out) == limit or self.rx.bytes_to_read() == 0:
+                if not rx.end_batch() or len(out) == limit:
                     return out
         except RingError as e:
             self.broken = str(e)
@@ -145,9 +142,6 @@ class RingEndpoint:
         if not written:
             self.can_write(self.packet_space(len(header), len(payload)))
             return False
-        if self.tx.out_full_flag or self.tx.pending_send_sz:
-            self.tx.out_full_flag = False
-            self.tx.pending_send_sz = 0
         if signal:
             self.intr_out_empty += 1
             self._signal_owed = True
@@ -182,9 +176,7 @@ class RingEndpoint:
             except RingError as e:
                 self.broken = str(e)
                 raise ChannelBroken(str(e)) from None
-            if written:
-                self.tx.out_full_flag = False
-                self.tx.pending_send_sz = 0
+            if written:                   # (the ring cleared pending_send_sz)
                 if signal:
                     self.intr_out_empty += 1
                     self.signal()

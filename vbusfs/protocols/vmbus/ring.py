@@ -17,22 +17,43 @@ instead of reading outside the data area. Signalling follows Linux ``ring_buffer
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "PAGE_SIZE", "RingError", "PacketType", "PACKET_DESCRIPTOR", "COMPLETION_REQUESTED",
     "Packet", "Ring", "init_ring", "GpaRange", "pack_gpa_direct", "pack_gpa_direct_one",
-    "parse_gpa_direct",
+    "parse_gpa_direct", "parse_gpa_direct_one",
 ]
 
 PAGE_SIZE = 4096
 _U32 = struct.Struct("<I")
 PACKET_DESCRIPTOR = struct.Struct("<HHHHQ")  # type, offset8, len8, flags, trans_id
 _TRAILER = struct.Struct("<Q")
+_DESC_SIZE, _TRAILER_SIZE = PACKET_DESCRIPTOR.size, _TRAILER.size
+_DESC_UNPACK = PACKET_DESCRIPTOR.unpack_from
+
+
+@functools.lru_cache(maxsize=256)
+def _packet_struct(hlen: int, plen: int) -> struct.Struct:
+    """A whole packet with a ``hlen``-byte descriptor extension and a ``plen``-byte
+    payload: descriptor, extension, payload, zero padding to 8 bytes, trailer — written
+    with one ``pack_into`` (a ring sees few packet shapes)."""
+    pad = -(_DESC_SIZE + hlen + plen) % 8
+    return struct.Struct(f"<HHHHQ{hlen}s{plen}s{pad}xQ")
+
+
+@functools.lru_cache(maxsize=256)
+def _parts_struct(off: int, plen: int) -> struct.Struct:
+    """The descriptor extension and the payload (padding included) of a packet whose
+    ``offset8 * 8`` is ``off`` and ``len8 * 8`` is ``plen``, read (copied) at once."""
+    return struct.Struct(f"<{off - _DESC_SIZE}s{plen - off}s")
 WRITE_INDEX, READ_INDEX, INTERRUPT_MASK, PENDING_SEND_SZ, FEATURE_BITS = 0, 4, 8, 12, 64
 FEAT_PENDING_SEND_SZ = 1
+_FEATURE_BITS_AT = FEATURE_BITS // 4     # in the header's u32 view
 COMPLETION_REQUESTED = 1  # VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED
 
 
@@ -57,13 +78,19 @@ class PacketType(enum.IntEnum):
     ADDITIONAL_DATA = 0xD
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(NamedTuple):
+    """One packet read off a ring (a named tuple: one is made per packet, on the I/O path,
+    and a frozen dataclass costs a ``setattr`` per field)."""
+
     type: int
     flags: int
     trans_id: int
     header: bytes   # descriptor bytes past the 16-byte vmpacket_descriptor (offset8*8 - 16)
     payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
+
+
+#: a Packet from its five fields without the named tuple's Python-level ``__new__``
+_new_packet = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -91,10 +118,34 @@ def pack_gpa_direct(ranges: list[GpaRange]) -> bytes:
     return b"".join(out)
 
 
+@functools.cache
+def _gpa_one(npfn: int) -> struct.Struct:
+    """The descriptor extension of one range of ``npfn`` frames, as one struct."""
+    return struct.Struct(f"<IIII{npfn}Q")
+
+
 def pack_gpa_direct_one(length: int, offset: int, pfns: Sequence[int]) -> bytes:
     """:func:`pack_gpa_direct` for the common case of one range, without building it (the
     per-request path of a disk)."""
-    return _GPA_ONE.pack(0, 1, length, offset) + struct.pack(f"<{len(pfns)}Q", *pfns)
+    return _gpa_one(len(pfns)).pack(0, 1, length, offset, *pfns)
+
+
+def parse_gpa_direct_one(header: bytes) -> tuple[int, int, tuple[int, ...]] | None:
+    """The range of a GPA-direct descriptor extension that announces exactly one and is
+    exactly as long as that range needs (the per-request path of a disk), with the checks
+    :func:`parse_gpa_direct` makes, as (length, offset, pfns) — a :class:`GpaRange`'s
+    fields; None when the extension is anything else (then
+    :func:`parse_gpa_direct` says what is wrong with it, or parses it)."""
+    n = len(header)
+    if n < _GPA_ONE.size:
+        return None
+    _reserved, count, length, offset = _GPA_ONE.unpack_from(header)
+    if count != 1 or offset >= PAGE_SIZE:
+        return None
+    npfn = (offset + length + PAGE_SIZE - 1) // PAGE_SIZE
+    if n != _GPA_ONE.size + 8 * npfn:
+        return None
+    return length, offset, _gpa_one(npfn).unpack(header)[4:]
 
 
 def parse_gpa_direct(header: bytes) -> list[GpaRange]:
@@ -198,8 +249,12 @@ class Ring:
         return w - r if w >= r else self.dsize - r + w
 
     def bytes_to_write(self) -> int:
-        w, r = self._indices()
-        return self.dsize - (w - r) if w >= r else r - w
+        hdr = self._hdr                                     # _indices, inline: once a request
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        return dsize - (w - r) if w >= r else r - w
 
     # -- data area helpers ---------------------------------------------------------------
     def _copy_in(self, pos: int, data: bytes) -> int:
@@ -227,24 +282,43 @@ class Ring:
         ``written`` is False when the ring has no room (the writer must never fill it
         exactly: ``r == w`` means empty); ``signal`` says whether the consumer must be
         interrupted (it had masked nothing and the ring was empty before this packet).
+        A packet written clears ``pending_send_sz`` and the out-full flag (the writer,
+        if it waited for room, has it now).
         """
-        if len(header) % 8:
+        hlen, plen = len(header), len(payload)
+        if hlen % 8:
             raise ValueError("descriptor extension must be a multiple of 8 bytes")
-        offset8 = (PACKET_DESCRIPTOR.size + len(header)) // 8
-        len8 = (offset8 * 8 + len(payload) + 7) // 8
+        off = _DESC_SIZE + hlen
+        len8 = (off + plen + 7) // 8
         if len8 > 0xFFFF:
             raise ValueError(f"packet of {len8 * 8} bytes is too long for len8")
-        total = len8 * 8 + _TRAILER.size
-        old_write, r = self._indices()
-        room = self.dsize - (old_write - r) if old_write >= r else r - old_write
+        pktlen = len8 * 8
+        total = pktlen + _TRAILER_SIZE
+        hdr = self._hdr
+        old_write, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if old_write >= dsize or r >= dsize or old_write % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {old_write}, read {r}, "
+                            f"size {dsize}")
+        room = dsize - (old_write - r) if old_write >= r else r - old_write
         if room <= total:
             return False, False
-        pad = len8 * 8 - offset8 * 8 - len(payload)
-        data = (PACKET_DESCRIPTOR.pack(ptype, offset8, len8, flags, trans_id) + header + payload
-                + bytes(pad) + _TRAILER.pack(old_write << 32))
-        new_write = self._copy_in(old_write, data)
-        self._hdr[0] = new_write
-        signal = self._hdr[2] == 0 and old_write == r
+        if old_write + total <= dsize:
+            # no wrap: each part straight into the ring, no packet assembled first
+            _packet_struct(hlen, plen).pack_into(
+                self.view, PAGE_SIZE + old_write, ptype, off // 8, len8, flags, trans_id,
+                header, payload, old_write << 32)
+            new_write = (old_write + total) % dsize
+        else:
+            data = (PACKET_DESCRIPTOR.pack(ptype, off // 8, len8, flags, trans_id) + header +
+                    payload + bytes(pktlen - off - plen) + _TRAILER.pack(old_write << 32))
+            new_write = self._copy_in(old_write, data)
+        hdr[0] = new_write
+        if self.out_full_flag or hdr[3]:
+            # the writer is not blocked any more: what it set while it waited is cleared
+            self.out_full_flag = False
+            hdr[3] = 0                                      # PENDING_SEND_SZ
+        signal = hdr[2] == 0 and old_write == r
         return True, signal
 
     # -- consumer --------------------------------------------------------------------------
@@ -256,31 +330,90 @@ class Ring:
             self.priv_read_index = r
             self._batch_start = r
         pos = self.priv_read_index
-        avail = w - pos if w >= pos else self.dsize - pos + w
-        if avail == 0:
+        if pos == w:
             return None
-        if avail < PACKET_DESCRIPTOR.size + _TRAILER.size:
+        pkt, self.priv_read_index = self._packet_at(pos, w)
+        return pkt
+
+    def read_batch(self, limit: int = 0) -> list[Packet]:
+        """Every packet in the ring (at most ``limit`` when that is not 0), as :meth:`read`
+        one at a time would return them, with the indices read once. Nothing is published
+        until :meth:`commit_read`."""
+        w, r = self._indices()
+        if self.priv_read_index is None:
+            self.priv_read_index = r
+            self._batch_start = r
+        pos = self.priv_read_index
+        out: list[Packet] = []
+        while pos != w:
+            pkt, pos = self._packet_at(pos, w)
+            self.priv_read_index = pos
+            out.append(pkt)
+            if len(out) == limit:
+                break
+        return out
+
+    def begin_batch(self, limit: int = 0) -> tuple[list[Packet], bool]:
+        """``hv_begin_read``, :meth:`read_batch` and :meth:`commit_read` in one call (the
+        drain of a doorbell handler): interrupts masked, the packets read, the read
+        index published; with :meth:`commit_read`'s answer. :meth:`end_batch` unmasks."""
+        hdr = self._hdr
+        hdr[2] = 1                                          # INTERRUPT_MASK
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        if self.priv_read_index is None:
+            self.priv_read_index = r
+            self._batch_start = r
+        pos = self.priv_read_index
+        out: list[Packet] = []
+        packet_at = self._packet_at
+        while pos != w:                                     # read_batch, inline
+            pkt, pos = packet_at(pos, w)
+            self.priv_read_index = pos
+            out.append(pkt)
+            if len(out) == limit:
+                break
+        return out, self.commit_read()
+
+    def end_batch(self) -> bool:
+        """``hv_end_read``: interrupts unmasked; True when packets arrived meanwhile (the
+        writer saw the mask and did not signal: the reader must look again)."""
+        hdr = self._hdr
+        hdr[2] = 0
+        w, r = int(hdr[0]), int(hdr[1])
+        dsize = self.dsize
+        if w >= dsize or r >= dsize or w % 8 or r % 8:
+            raise RingError(f"ring indices out of range: write {w}, read {r}, size {dsize}")
+        return w != r
+
+    def _packet_at(self, pos: int, w: int) -> tuple[Packet, int]:
+        """The packet at ``pos`` (not ``w``: the ring is not empty there), every length
+        in its descriptor checked against the bytes the writer has written, and the
+        position after it."""
+        dsize = self.dsize
+        avail = w - pos if w >= pos else dsize - pos + w
+        if avail < _DESC_SIZE + _TRAILER_SIZE:
             raise RingError(f"{avail} bytes in ring: less than a packet")
         base = PAGE_SIZE + pos
-        if pos + PACKET_DESCRIPTOR.size <= self.dsize:      # no wrap: read it in place
-            ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack_from(
-                self.view, base)
+        if pos + _DESC_SIZE <= dsize:                       # no wrap: read it in place
+            ptype, offset8, len8, flags, trans_id = _DESC_UNPACK(self.view, base)
         else:
             ptype, offset8, len8, flags, trans_id = PACKET_DESCRIPTOR.unpack(
-                self._copy_out(pos, PACKET_DESCRIPTOR.size))
+                self._copy_out(pos, _DESC_SIZE))
         plen = len8 * 8
-        if offset8 * 8 < PACKET_DESCRIPTOR.size or offset8 > len8 or plen + 8 > avail:
+        off = offset8 * 8
+        if off < _DESC_SIZE or offset8 > len8 or plen + 8 > avail:
             raise RingError(f"bad packet at {pos}: offset8 {offset8}, len8 {len8}, "
                             f"{avail} bytes available")
-        self.priv_read_index = (pos + plen + _TRAILER.size) % self.dsize
-        off = offset8 * 8
-        if pos + plen <= self.dsize:                        # one copy of each part
-            view = self.view
-            return Packet(ptype, flags, trans_id,
-                          bytes(view[base + PACKET_DESCRIPTOR.size:base + off]),
-                          bytes(view[base + off:base + plen]))
+        after = (pos + plen + _TRAILER_SIZE) % dsize
+        if pos + plen <= dsize:                             # one copy of each part
+            header, payload = _parts_struct(off, plen).unpack_from(self.view,
+                                                                   base + _DESC_SIZE)
+            return _new_packet(Packet, (ptype, flags, trans_id, header, payload)), after
         body = self._copy_out(pos, plen)
-        return Packet(ptype, flags, trans_id, body[PACKET_DESCRIPTOR.size:off], body[off:])
+        return Packet(ptype, flags, trans_id, body[_DESC_SIZE:off], body[off:]), after
 
     def commit_read(self) -> bool:
         """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer
@@ -288,11 +421,12 @@ class Ring:
         if self.priv_read_index is None:
             return False
         start = self._batch_start
-        self._set(READ_INDEX, self.priv_read_index)
+        hdr = self._hdr
+        hdr[1] = self.priv_read_index                       # READ_INDEX
         self.priv_read_index = None
-        if not self.feature_bits & FEAT_PENDING_SEND_SZ:
+        if not hdr[_FEATURE_BITS_AT] & FEAT_PENDING_SEND_SZ:
             return False
-        pending = self.pending_send_sz
+        pending = int(hdr[3])                               # PENDING_SEND_SZ
         if not pending:
             return False
         cur_free = self.bytes_to_write()

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.storage.raw import RawImage
@@ -61,8 +62,9 @@ class HostStatus(enum.IntEnum):
     INVALID_LUN = 5              # no such logical unit
 
 
-@dataclass(frozen=True)
-class ScsiResult:
+class ScsiResult(NamedTuple):
+    """A command's outcome. A named tuple: one is made per command, built in C."""
+
     host: HostStatus
     status: int                  # SAM status
     sense: bytes | None          # fixed-format sense, present with CHECK CONDITION
@@ -99,8 +101,9 @@ class DataBuffer:
     __slots__ = ("views", "length", "host_writes")
 
     def __init__(self, views: Sequence[memoryview], host_writes: bool) -> None:
-        self.views = tuple(views)
-        self.length = sum(len(v) for v in self.views)
+        self.views = views = tuple(views)
+        # one view is what nearly every command has
+        self.length = len(views[0]) if len(views) == 1 else sum(len(v) for v in views)
         self.host_writes = host_writes
 
     @classmethod
@@ -197,6 +200,7 @@ class ScsiDiskParams:
 
 
 @functools.lru_cache(maxsize=256)
+@functools.cache
 def inquiry_no_lun(lun: int) -> bytes:
     """What Hyper-V answers an INQUIRY to a LUN it does not have: success, peripheral
     qualifier 3 / type 0x1F, the Msft strings only on LUN 0 (reference §4.8)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from vbusfs.block.contract import Command, Limits, Op, Transport
 from vbusfs.block.engine import Engine
@@ -56,8 +56,10 @@ class Direction(enum.IntEnum):
     FROM_DEVICE = 2
 
 
-@dataclass(frozen=True)
-class CmdResult:
+class CmdResult(NamedTuple):
+    """What a command came back with. A named tuple: one is made per command (a scan of
+    an empty controller is 48 of them), and a tuple is built in C."""
+
     host: HostByte
     status: int                  # SAM status
     sense: bytes = b""
@@ -65,10 +67,10 @@ class CmdResult:
     data: bytes = b""            # data in, for the midlayer's own commands
 
 
-@dataclass(frozen=True)
-class ScsiRequest:
+class ScsiRequest(NamedTuple):
     """What sd makes of an engine command: the CDB, the direction, and the data as
-    ``length`` bytes in ``pages`` (guest frames, starting at offset 0 of the first)."""
+    ``length`` bytes in ``pages`` (guest frames, starting at offset 0 of the first).
+    A named tuple, as :class:`CmdResult`."""
 
     cdb: bytes
     direction: Direction

@@ -91,18 +91,17 @@ class RingEndpoint:
         if self.broken:
             raise ChannelBroken(self.broken)
         out: list[Packet] = []
+        rx = self.rx
         try:
             while True:
-                self.rx.interrupt_mask = 1
-                while (pkt := self.rx.read()) is not None:
-                    out.append(pkt)
-                    if len(out) == limit:
-                        break
-                if self.rx.commit_read():
+                rx.read_batch(out, limit)
+                if rx.commit_read():
                     self.intr_in_full += 1
                     self.signal()
-                self.rx.interrupt_mask = 0
-                if len(out) == limit or self.rx.bytes_to_read() == 0:
+                if len(out) == limit:           # the rest is the caller's next poll
+                    rx.interrupt_mask = 0
+                    return out
+                if rx.end_read() == 0:
                     return out
         except RingError as e:
             self.broken = str(e)

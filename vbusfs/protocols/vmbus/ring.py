@@ -297,6 +297,22 @@ class Ring:
         body = self._copy_out(pos, plen)
         return Packet(ptype, flags, trans_id, body[16:off], body[off:])
 
+    def read_batch(self, out: list[Packet], limit: int = 0) -> None:
+        """``hv_begin_read`` (interrupts masked), then :meth:`read` into ``out`` until the
+        ring is empty or ``out`` holds ``limit`` packets (0: no limit)."""
+        self._hdr[2] = 1                       # INTERRUPT_MASK
+        read = self.read
+        while (pkt := read()) is not None:
+            out.append(pkt)
+            if len(out) == limit:
+                return
+
+    def end_read(self) -> int:
+        """``hv_end_read``: interrupts unmasked, then the bytes still to read (a write that
+        raced the mask: the reader drains again instead of waiting for a signal)."""
+        self._hdr[2] = 0
+        return self.bytes_to_read()
+
     def commit_read(self) -> bool:
         """Publish the read index (``hv_pkt_iter_close``). Returns True when the producer
         was blocked on ``pending_send_sz`` and now has room: it must be signalled."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
@@ -74,10 +73,10 @@ class Packet(NamedTuple):
     payload: bytes  # len8*8 - offset8*8 bytes, padding included (what vmbus_recvpacket hands on)
 
 
-@dataclass(frozen=True)
-class GpaRange:
+class GpaRange(NamedTuple):
     """One ``vmbus_multipage_buffer``: ``length`` bytes starting ``offset`` bytes into the
-    first of ``pfns`` (4 KiB guest frames, one per page the bytes touch)."""
+    first of ``pfns`` (4 KiB guest frames, one per page the bytes touch). A named tuple, as
+    :class:`Packet`: a disk request parses one."""
 
     length: int
     offset: int

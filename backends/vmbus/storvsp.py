@@ -121,6 +121,8 @@ class _SrbView(NamedTuple):
 
 #: the same offsets as :data:`~vbusfs.protocols.vmbus.storvsc.SRB`, reading only those
 _SRB_FIELDS = struct.Struct("<5xBBBBxBxI20s16x")
+_HEADER_SIZE = sv.HEADER.size
+_SRB_SIZE = sv.SRB_SIZE
 #: a whole completion: vstor_packet header, then length, srb_status, scsi_status, 5 bytes
 #: of address and CDB length (only the CDB length is set), sense_info_length, data_in and
 #: reserved, data_transfer_length, the sense in the CDB union, the WIN8 extension zeroed
@@ -327,7 +329,7 @@ class Storvsp:
                         pkt.trans_id)
             return
         payload = pkt.payload
-        size = max(0, min(len(payload) - sv.HEADER.size, sv.SRB_SIZE))
+        size = max(0, min(len(payload) - _HEADER_SIZE, _SRB_SIZE))
         try:
             op, _flags, _status = sv.unpack_header(payload)
             if op not in _KNOWN_OPS:
@@ -335,7 +337,10 @@ class Storvsp:
                 log.debug("%s: unknown operation %d", self.name, op)
                 self._reply(pkt.trans_id, size, NtStatus.INVALID_DEVICE_REQUEST)
             elif self.state is _State.READY:
-                self._ready(pkt, op, size)
+                if op == Operation.EXECUTE_SRB:    # nearly every packet: one call less
+                    self._execute_srb(pkt, size)
+                else:
+                    self._ready(pkt, op, size)
             else:
                 self._init(pkt, op, size)
         except _Malformed as e:
@@ -470,8 +475,8 @@ class Storvsp:
         if size < 16:
             raise _Malformed(f"SRB of {size} bytes: shorter than its fixed part")
         payload = pkt.payload
-        if size == sv.SRB_SIZE:               # the usual case: no dataclass on the way
-            srb = _SrbView(*_SRB_FIELDS.unpack_from(payload, sv.HEADER.size))
+        if size == _SRB_SIZE:                 # the usual case: no dataclass on the way
+            srb = _SrbView._make(_SRB_FIELDS.unpack_from(payload, _HEADER_SIZE))
         else:
             full = sv.Srb.unpack(payload[sv.HEADER.size:sv.HEADER.size + size])
             srb = _SrbView(full.path_id, full.target_id, full.lun, full.cdb_length,
@@ -534,11 +539,11 @@ class Storvsp:
                                                  else 0)
         nt = NtStatus.SUCCESS if srb_status == SrbStatus.SUCCESS else \
             sv.srb_status_to_ntstatus(srb_status)
-        payload = _COMPLETION.pack(Operation.COMPLETE_IO, 0, nt, sv.SRB_SIZE, srb_status,
+        payload = _COMPLETION.pack(Operation.COMPLETE_IO, 0, nt, _SRB_SIZE, srb_status,
                                    r.status, sv.STORVSC_MAX_CMD_LEN, sv.SENSE_BUFFER_SIZE,
                                    r.tx, r.sense or b"")
-        if size != sv.SRB_SIZE:
-            payload = payload[:sv.HEADER.size + size].ljust(sv.HEADER.size + size, b"\0")
+        if size != _SRB_SIZE:
+            payload = payload[:_HEADER_SIZE + size].ljust(_HEADER_SIZE + size, b"\0")
         self._write(PacketType.COMP, trans_id, payload)
 
     # -- the image executors -----------------------------------------------------------------

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+from random import Random
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 
@@ -33,3 +37,29 @@ def test_untouched_frames_are_not_resident() -> None:
     assert grown < 16 * 1024, f"allocating untouched frames made {grown} KiB resident"
     for pfn in pfns:
         mem.free(pfn, 257)
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=40), st.randoms())
+def test_freeing_in_any_order_coalesces_every_extent(sizes: list[int], rnd: Random) -> None:
+    """Frames freed in any order merge with their free neighbours: while some are held, the
+    free extents are exactly the frames not held, as maximal runs in order; once all are
+    back, memory is one extent again and a first-fit allocation takes it from frame 1."""
+    frames = 400
+    mem = GuestMemory(frames * PAGE_SIZE)
+    held = [(mem.alloc(n), n) for n in sizes]
+    rnd.shuffle(held)
+    while held:
+        pfn, n = held.pop()
+        mem.free(pfn, n)
+        taken = {p for start, k in held for p in range(start, start + k)}
+        runs: list[tuple[int, int]] = []
+        for p in range(1, frames):
+            if p in taken:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == p:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        assert mem._free == runs
+    assert mem.free_frames() == frames - 1
+    assert mem.alloc(frames - 1) == 1

@@ -5,6 +5,10 @@ TooSlowError; nothing is mounted in either case."""
 from __future__ import annotations
 
 import errno
+import gc
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -52,3 +56,57 @@ async def test_a_machine_that_fails_to_start_reports_its_own_error(
     with pytest.raises(OSError) as e, single_errors():
         await service._run(_Broken(), "/nowhere", lambda: None)   # type: ignore[arg-type]
     assert e.value.errno == errno.EPROTO and not mounted
+
+
+@pytest.fixture
+def gc_state() -> Iterator[None]:
+    """The test process's collector as it was, whatever the test froze or set."""
+    thresholds = gc.get_threshold()
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+class _Kept:
+    """A cycle the machine keeps, and one that is garbage once made."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_start_up_skips_full_collections_then_freezes_what_it_built(gc_state: None) -> None:
+    before = gc.get_threshold()
+    with service.long_lived_start():
+        assert gc.get_threshold()[:2] == before[:2]      # the young generations still run
+        assert gc.get_threshold()[2] > 1_000_000          # no full collection
+        kept = _Kept()
+        garbage = weakref.ref(_Kept())
+    assert gc.get_threshold() == before
+    assert garbage() is None                             # collected, not frozen
+    assert gc.get_freeze_count() > 0
+    assert not any(o is kept for o in gc.get_objects())   # frozen: no collection walks it
+    gc.unfreeze()
+    assert any(o is kept for o in gc.get_objects())
+
+
+def test_a_failed_start_up_freezes_nothing(gc_state: None) -> None:
+    before = gc.get_threshold()
+    with pytest.raises(OSError), service.long_lived_start():
+        raise OSError(errno.EPROTO, "no common VMBus version")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+async def test_the_service_starts_the_machine_that_way(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    entered: list[str] = []
+
+    @contextmanager
+    def spy() -> Iterator[None]:
+        entered.append("start")
+        yield
+    monkeypatch.setattr(service, "long_lived_start", spy)
+    monkeypatch.setattr(service.pyfuse3, "init", lambda *a: None)
+    with pytest.raises(OSError), single_errors():
+        await service._run(_Broken(), "/nowhere", lambda: None)   # type: ignore[arg-type]
+    assert entered == ["start"]

@@ -20,9 +20,9 @@ from backends.vmbus.host import VmbusHost
 from backends.vmbus.ic import HeartbeatIc
 from tests.conftest import Logs
 from vbusfs.drivers.vmbus.bus import VmbusBus
-from vbusfs.drivers.vmbus.connection import RESPONSE_TIMEOUT, OpenError
+from vbusfs.drivers.vmbus.connection import RESPONSE_TIMEOUT, OpenError, VmbusConnection
 from vbusfs.drivers.vmbus.drivers import linux_drivers
-from vbusfs.platform.memory import GuestMemory
+from vbusfs.platform.memory import PAGE_SIZE, GuestMemory
 from vbusfs.platform.vmbus.synic import PostedMessage, Synic
 from vbusfs.protocols.vmbus import messages as m
 from vbusfs.sysfs import Attribute, Directory, Symlink, Tree
@@ -338,3 +338,27 @@ async def garbage_from_host(rig: Rig, logs: Logs, seed: int, count: int) -> int:
 
 async def test_garbage_from_the_host_never_hurts_the_guest(rig: Rig, logs: Logs) -> None:
     assert await garbage_from_host(rig, logs, 99, 3000) == 3000
+
+
+async def test_a_request_takes_the_first_answer_and_drops_the_others(logs: Logs) -> None:
+    """The guest side of a request alone (no host): the answer that names it is returned;
+    a second one while it is still waiting, and one nobody asked for, are logged and
+    dropped."""
+    logs.expect(r"^vmbus: duplicate OPENCHANNEL_RESULT dropped$")
+    logs.expect(r"^vmbus: unexpected OPENCHANNEL_RESULT \(key 0x7\) dropped$")
+    synic = Synic()
+    synic.message_connections.add(m.VMBUS_MESSAGE_CONNECTION_ID)
+    conn = VmbusConnection(synic, GuestMemory(16 * PAGE_SIZE))
+    first = m.OpenResult(5, 5, 0).pack()
+    second = m.OpenResult(5, 5, 1).pack()
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        async def ask() -> None:
+            got.append(await conn.request([b"\0" * 8], m.MessageType.OPENCHANNEL_RESULT, 5))
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.on_response(m.MessageType.OPENCHANNEL_RESULT, first)
+        assert conn.on_response(m.MessageType.OPENCHANNEL_RESULT, second)
+    assert got == [first]
+    assert conn.on_response(m.MessageType.OPENCHANNEL_RESULT, m.OpenResult(7, 7, 0).pack())
+    assert not conn.on_response(m.MessageType.OFFERCHANNEL, first)

@@ -12,10 +12,12 @@ unmounted.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyfuse3
@@ -29,7 +31,7 @@ from vbusfs.machine import Machine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["serve", "START_DEADLINE", "start_deadline"]
+__all__ = ["serve", "START_DEADLINE", "start_deadline", "long_lived_start"]
 
 #: how long a machine may take to come up before the start is a failure, plus
 #: START_PER_DEVICE for each device it has (10,000 VMBus devices take tens of seconds)
@@ -46,6 +48,32 @@ def start_deadline(machine: Machine) -> float:
 DISK_DRAIN_DEADLINE = 5.0
 
 
+@contextmanager
+def long_lived_start() -> Iterator[None]:
+    """Bring a machine up without full garbage collections, then freeze what it built.
+
+    Start-up only adds objects the machine keeps (devices, channels, the tree): CPython
+    still collects the young generations, which find the short-lived cycles, but its full
+    collections would walk the whole growing heap again each time it grew by a quarter,
+    about a fifth of the CPU time of bringing up 10,000 devices for nothing found. Once
+    the machine is up, what it built moves to the permanent generation (``gc.freeze``), so
+    that no later collection walks it either (no stall of the loop while the mount
+    serves). What is frozen is only reclaimed by reference counting: a device there at
+    start that is removed later and whose objects form cycles stays allocated, so the
+    cost is bounded by the machine's size at start. A start that fails restores the
+    thresholds and freezes nothing."""
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], 1 << 30)
+    try:
+        yield
+    except BaseException:
+        gc.set_threshold(*thresholds)
+        raise
+    gc.set_threshold(*thresholds)
+    gc.collect(1)           # the young generations' garbage is not frozen with the rest
+    gc.freeze()
+
+
 def _mount_options() -> set[str]:
     opts = set(pyfuse3.default_options)
     opts |= {"fsname=vbusfs", "subtype=vbusfs"}
@@ -59,7 +87,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
     async with trio.open_nursery() as nursery:
         deadline = start_deadline(machine)
         try:
-            with trio.fail_after(deadline):
+            with trio.fail_after(deadline), long_lived_start():
                 await nursery.start(machine.run)
         except trio.TooSlowError:
             raise OSError(errno.ETIMEDOUT, f"the machine did not come up within "

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from backends.storage.executor import ImageExecutor, Request, StorageOp
 from backends.storage.raw import RawImage
@@ -61,8 +62,9 @@ class HostStatus(enum.IntEnum):
     INVALID_LUN = 5              # no such logical unit
 
 
-@dataclass(frozen=True)
-class ScsiResult:
+class ScsiResult(NamedTuple):
+    """A command's outcome. A named tuple: one is made per command, built in C."""
+
     host: HostStatus
     status: int                  # SAM status
     sense: bytes | None          # fixed-format sense, present with CHECK CONDITION

@@ -348,7 +348,10 @@ class Storvsp:
                 log.debug("%s: unknown operation %d", self.name, op)
                 self._reply(pkt.trans_id, size, NtStatus.INVALID_DEVICE_REQUEST)
             elif self.state is _State.READY:
-                self._ready(pkt, op, size)
+                if op == Operation.EXECUTE_SRB:    # nearly every packet: one call less
+                    self._execute_srb(pkt, size)
+                else:
+                    self._ready(pkt, op, size)
             else:
                 self._init(pkt, op, size)
         except _Malformed as e:

@@ -382,7 +382,10 @@ class Tree:
         self.on_remove: Callable[[int, str], None] | None = None
 
     def attach(self, node: Node) -> None:
-        for n in node.walk():
+        # a node added alone (nearly every one: a device's tree is built node by node)
+        # without walking it, which costs a generator per node
+        nodes = node.walk() if isinstance(node, Directory) and node.children else (node,)
+        for n in nodes:
             n.tree = self
             if n.ino == 0:
                 n.ino = self._next_ino

@@ -56,8 +56,10 @@ class Direction(enum.IntEnum):
     FROM_DEVICE = 2
 
 
-@dataclass(frozen=True)
-class CmdResult:
+class CmdResult(NamedTuple):
+    """What a command came back with. A named tuple: one is made per command (a scan of
+    an empty controller is 48 of them), and a tuple is built in C."""
+
     host: HostByte
     status: int                  # SAM status
     sense: bytes = b""

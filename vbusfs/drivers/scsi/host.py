@@ -31,6 +31,7 @@ WALinuxAgent walks)::
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import re
 import struct
@@ -71,20 +72,23 @@ _REPORT_LUNS_LEN = 4096          # (511 + 1) 8-byte entries
 _STRTOULL = re.compile(r"0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*)")
 
 class _Ida:
-    """``ida_alloc``: the lowest free number."""
+    """``ida_alloc``: the lowest free number. Numbers given back wait in a heap and the
+    rest are above ``_next``, so taking one does not walk the numbers in use (a machine
+    with thousands of SCSI hosts took a quadratic time numbering them)."""
 
     def __init__(self) -> None:
-        self._used: set[int] = set()
+        self._next = 0                   # every number from here up is free
+        self._given: list[int] = []      # free numbers below _next (a heap)
 
     def take(self) -> int:
-        n = 0
-        while n in self._used:
-            n += 1
-        self._used.add(n)
-        return n
+        if self._given:
+            return heapq.heappop(self._given)
+        self._next += 1
+        return self._next - 1
 
     def give(self, n: int) -> None:
-        self._used.discard(n)
+        if 0 <= n < self._next and n not in self._given:     # else it was not taken
+            heapq.heappush(self._given, n)
 
 
 def _class_device(parent: Directory, name: str, cls: Directory) -> Directory:
@@ -288,9 +292,12 @@ class ScsiHost:
             return None
         return r.data
 
-    async def _probe_lun(self, channel: int, target: int, lun: int) -> bytes | None:
-        """``scsi_probe_lun``: the INQUIRY data of a LUN, or None when nothing answers."""
-        probe = ScsiDevice(self.adapter, self.host_no, channel, target, lun)
+    async def _probe_lun(self, channel: int, target: int, lun: int,
+                         probe: ScsiDevice | None = None) -> bytes | None:
+        """``scsi_probe_lun``: the INQUIRY data of a LUN, or None when nothing answers.
+        ``probe`` is the temporary device to send it to (one is made when not given)."""
+        if probe is None:
+            probe = ScsiDevice(self.adapter, self.host_no, channel, target, lun)
         data = await self._inquire(probe, None, _INQUIRY_FIRST)
         if data is None or len(data) < _INQUIRY_FIRST:
             return None
@@ -314,8 +321,8 @@ class ScsiHost:
             return None
         return data
 
-    async def _report_luns(self, channel: int, target: int) -> list[int] | None:
-        probe = ScsiDevice(self.adapter, self.host_no, channel, target, 0)
+    async def _report_luns(self, probe: ScsiDevice) -> list[int] | None:
+        """REPORT LUNS, sent to the target's LUN 0 (``probe``)."""
         r = await execute(probe, scsi.cdb_report_luns(_REPORT_LUNS_LEN),
                           Direction.FROM_DEVICE, _REPORT_LUNS_LEN)
         if r.host != HostByte.DID_OK or r.status != Status.GOOD or len(r.data) < 8:
@@ -349,10 +356,13 @@ class ScsiHost:
     async def scan_target(self, channel: int, target: int, only: int | None = None) -> None:
         await self._scan_lock()
         try:
-            lun0 = await self._probe_lun(channel, target, 0)
+            # one temporary LUN 0 device for the target's INQUIRY and REPORT LUNS, as
+            # __scsi_scan_target keeps the sdev scsi_probe_and_add_lun allocated for LUN 0
+            probe = ScsiDevice(self.adapter, self.host_no, channel, target, 0)
+            lun0 = await self._probe_lun(channel, target, 0, probe)
             if lun0 is None:
                 return
-            luns = await self._report_luns(channel, target) or []
+            luns = await self._report_luns(probe) or []
             for lun in sorted({0, *luns}):
                 if lun >= self.adapter.max_lun or (only is not None and lun != only) or \
                         (channel, target, lun) in self.devices:

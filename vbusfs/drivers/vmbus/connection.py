@@ -42,6 +42,18 @@ _RESPONSES: dict[int, Callable[[bytes], int]] = {
 }
 
 
+class _Waiter:
+    """A request waiting for its response: the first answer, and the event that says it
+    came (an event and a slot: a memory channel per request cost more to make than the
+    rest of the request)."""
+
+    __slots__ = ("answered", "answer")
+
+    def __init__(self) -> None:
+        self.answered = trio.Event()
+        self.answer: bytes | None = None
+
+
 class VmbusConnection:
     def __init__(self, synic: Synic, memory: GuestMemory, cpus: int = 2,
                  versions: tuple[m.Version, ...] = m.KNOWN_VERSIONS) -> None:
@@ -53,7 +65,7 @@ class VmbusConnection:
         self.msg_conn_id = m.VMBUS_MESSAGE_CONNECTION_ID
         self.monitor_pfns: tuple[int, int] = (0, 0)
         self._next_gpadl = FIRST_GPADL_HANDLE
-        self._waiters: dict[tuple[int, int], trio.MemorySendChannel[bytes]] = {}
+        self._waiters: dict[tuple[int, int], _Waiter] = {}
 
     # -- messages ----------------------------------------------------------------------------
     def post(self, payload: bytes) -> None:
@@ -65,13 +77,14 @@ class VmbusConnection:
                       key: int) -> bytes:
         """Post ``payloads`` in order and wait for the ``reply_type`` message that names
         ``key``; a host that does not answer within RESPONSE_TIMEOUT is ``ETIMEDOUT``."""
-        send, recv = trio.open_memory_channel[bytes](1)
-        self._waiters[(reply_type, key)] = send
+        waiter = self._waiters[(reply_type, key)] = _Waiter()
         try:
             for payload in payloads:
                 self.post(payload)
             with trio.fail_after(RESPONSE_TIMEOUT):
-                return await recv.receive()
+                await waiter.answered.wait()
+            assert waiter.answer is not None
+            return waiter.answer
         except trio.TooSlowError:
             raise OSError(errno.ETIMEDOUT, f"VMBus host did not answer with "
                           f"{reply_type.name} within {RESPONSE_TIMEOUT:.0f} s") from None
@@ -91,10 +104,11 @@ class VmbusConnection:
         if waiter is None:
             log.warning("vmbus: unexpected %s (key %#x) dropped", name, key)
             return True
-        try:
-            waiter.send_nowait(buf)
-        except trio.WouldBlock:
+        if waiter.answer is not None:
             log.warning("vmbus: duplicate %s dropped", name)
+        else:
+            waiter.answer = buf
+            waiter.answered.set()
         return True
 
     # -- connection --------------------------------------------------------------------------

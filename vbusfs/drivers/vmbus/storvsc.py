@@ -253,13 +253,24 @@ class Storvsc:
         """One init request and its answer: (operation, status, the packet)."""
         self._init = waiter = _Init()
         payload = sv.pack_packet(op, body, flags=sv.REQUEST_COMPLETION_FLAG)
+
+        def send() -> bool:
+            return self.ep.try_write(PacketType.DATA_INBAND, COMPLETION_REQUESTED,
+                                     sv.VMBUS_RQST_INIT, payload)
         try:
-            with trio.fail_after(INIT_TIMEOUT):
-                while not self.ep.try_write(PacketType.DATA_INBAND, COMPLETION_REQUESTED,
-                                            sv.VMBUS_RQST_INIT, payload):
-                    await self._wait_space()
+            sent = send()
+            if sent:
                 self.ep.flush_signal()
-                await waiter.event.wait()
+            # A host that answers from its doorbell handler has answered already: then no
+            # timeout and no wait (each costs a turn of the event loop, and a machine
+            # initialises thousands of controllers); else both, as before.
+            if not waiter.event.is_set():
+                with trio.fail_after(INIT_TIMEOUT):
+                    while not sent:
+                        await self._wait_space()
+                        sent = send()
+                    self.ep.flush_signal()
+                    await waiter.event.wait()
         except trio.TooSlowError:
             raise OSError(errno.ETIMEDOUT, f"storvsc: {op.name} not answered within "
                           f"{INIT_TIMEOUT:.0f} s") from None

@@ -40,7 +40,12 @@ class RingEndpoint:
         self._signal_peer = signal_peer
         self.name = name
         self._space = trio.Event()
-        self._rx_send, self._rx_recv = trio.open_memory_channel[Packet](backlog)
+        # the pump's queue, made when the pump or a receiver first needs it: an endpoint
+        # driven from its doorbell never does, and a memory channel costs more to make
+        # than the rest of the endpoint (a machine has two endpoints per channel)
+        self._backlog = backlog
+        self._queue: tuple[trio.MemorySendChannel[Packet],
+                           trio.MemoryReceiveChannel[Packet]] | None = None
         self.broken: str | None = None
         self._signal_owed = False          # try_write wrote into an empty ring
         # Linux channel counters (vmbus_drv.c channel attributes)
@@ -49,6 +54,11 @@ class RingEndpoint:
         self.intr_out_empty = 0
         self.out_full_first = 0
         self.out_full_total = 0
+
+    def _rx(self) -> tuple[trio.MemorySendChannel[Packet], trio.MemoryReceiveChannel[Packet]]:
+        if self._queue is None:
+            self._queue = trio.open_memory_channel[Packet](self._backlog)
+        return self._queue
 
     def signal(self) -> None:
         self.signals_sent += 1
@@ -66,14 +76,14 @@ class RingEndpoint:
             self.broken = str(e)
             log.error("%s: ring protocol violation, channel stopped: %s", self.name, e)
         finally:
-            self._rx_send.close()
+            self._rx()[0].close()
             self._space.set()
 
     async def _drain(self) -> None:
         while True:
             self.rx.interrupt_mask = 1      # hv_begin_read: no interrupts while draining
             while (pkt := self.rx.read()) is not None:
-                await self._rx_send.send(pkt)
+                await self._rx()[0].send(pkt)
             if self.rx.commit_read():
                 self.intr_in_full += 1
                 self.signal()
@@ -156,12 +166,13 @@ class RingEndpoint:
     async def receive(self) -> list[Packet]:
         """At least one packet (waiting for it), plus whatever else is already queued."""
         try:
-            batch = [await self._rx_recv.receive()]
+            rx_recv = self._rx()[1]
+            batch = [await rx_recv.receive()]
         except trio.EndOfChannel:
             raise ChannelBroken(self.broken or f"{self.name}: channel closed") from None
         while True:
             try:
-                batch.append(self._rx_recv.receive_nowait())
+                batch.append(rx_recv.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 return batch
 

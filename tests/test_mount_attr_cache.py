@@ -2,7 +2,7 @@
 a static attribute is read from the service once and then from the page cache, with
 ``st_size`` its length before and after; a live one reaches the service at each read and
 changes under I/O; a removed device's names are gone at once and the device that comes back
-reads right. ``MNT/.vbusfs/stats/fuse_requests`` counts what reaches the service.
+reads right. ``MNT/.vbusfs/fuse_requests`` counts what reaches the service.
 
 Expected values come from reference/sysfs.md (§1.5 class GUIDs, §3 PCI identities)."""
 
@@ -20,7 +20,7 @@ BLK = "0000:00:04.0"
 
 
 def requests(mnt: Mounted) -> dict[str, int]:
-    text = (mnt.path / ".vbusfs/stats/fuse_requests").read_text()
+    text = (mnt.path / ".vbusfs/fuse_requests").read_text()
     return {name: int(n) for name, n in (line.split() for line in text.splitlines())}
 
 

@@ -88,7 +88,7 @@ class VbusFS(pyfuse3.Operations):
       open, disks are read and written through their rings.
 
     ``requests`` counts the requests each handler has answered
-    (``MNT/.vbusfs/stats/fuse_requests``)."""
+    (``MNT/.vbusfs/fuse_requests``)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False

@@ -26,7 +26,7 @@ from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
 from vbusfs.invalidate import EntryInvalidator
 from vbusfs.machine import Machine
-from vbusfs.sysfs import Attribute, Directory
+from vbusfs.sysfs import Attribute
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,11 @@ def _mount_options() -> set[str]:
 
 
 def _add_request_counts(machine: Machine, fs: VbusFS) -> None:
-    """``MNT/.vbusfs/stats/fuse_requests``: how many requests of each kind (``lookup``,
+    """``MNT/.vbusfs/fuse_requests``: how many requests of each kind (``lookup``,
     ``open``, ``read``...) the FUSE layer has answered, one ``name count`` a line, so that a
-    test or a benchmark can see which reach the service and which the kernel answers."""
-    stats = machine.control.children["stats"]
-    assert isinstance(stats, Directory)
-    stats.add(Attribute("fuse_requests", lambda: "".join(
+    test or a benchmark can see which reach the service and which the kernel answers. (Not
+    in ``stats/``, whose files are one number each of what the service holds.)"""
+    machine.control.add(Attribute("fuse_requests", lambda: "".join(
         f"{name} {count}\n" for name, count in sorted(fs.requests.items()))))
 
 

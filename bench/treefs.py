@@ -1,9 +1,10 @@
 """The bare pyfuse3 baseline for the attribute scan: a read-only copy of a directory tree,
-loaded into memory at start and served the way vbusfs serves sysfs, with nothing else.
+loaded into memory at start and served the way vbusfs served sysfs before it let the
+kernel cache static attributes, with nothing else.
 
-Files are opened with direct I/O (each open and read goes to the server, as vbusfs's
+Files are opened with direct I/O (each open and read goes to the server, as vbusfs's live
 attributes do), entries are cached for one second, the attributes of files and symlinks
-for an hour and those of directories for one second (vbusfs's timeouts). There is no
+for an hour and those of directories for one second (vbusfs's timeouts then). There is no
 sysfs logic, no rendering and no device behind a file: what it costs is what pyfuse3 and
 the kernel's FUSE round trips cost for the same tree, the floor for any Python FUSE server
 of it. Run in the foreground; SIGTERM or SIGINT unmounts.

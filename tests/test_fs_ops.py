@@ -134,3 +134,35 @@ async def test_changes_to_the_tree_get_sysfs_errnos() -> None:
     assert await errno_of(fs.link(ro, d, b"h", CTX)) == errno.EPERM  # type: ignore[arg-type]
     assert await errno_of(fs.mknod(d, b"m", 0o10644, 0, CTX)) == errno.EPERM  # type: ignore[arg-type]
     assert await errno_of(fs.create(d, b"c", 0o644, os.O_WRONLY, CTX)) == errno.EACCES  # type: ignore[arg-type]
+
+
+async def test_static_attribute_cached_by_the_kernel_live_one_not() -> None:
+    t = Tree()
+    d = t.root.makedirs("sys/x")
+    d.add(Attribute("vendor", lambda: "0x1414\n", static=True))
+    d.add(Attribute("state", lambda: "3\n"))
+    d.add(Attribute("fails", lambda: (_ for _ in ()).throw(OSError(errno.ENODEV, "x")),
+                    static=True))
+    fs = VbusFS(t)
+    a = await lookup(fs, "sys/x/vendor")
+    assert a.st_size == 7 and a.entry_timeout >= 3600 and a.attr_timeout >= 3600
+    fi = await fs.open(a.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    assert not fi.direct_io and fi.keep_cache
+    assert await fs.read(fi.fh, 0, 4096) == b"0x1414\n"
+    live = await lookup(fs, "sys/x/state")
+    assert live.st_size == 4096
+    fi = await fs.open(live.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    assert fi.direct_io and not fi.keep_cache
+    # a static attribute whose show fails is not cached: the error reaches each read
+    bad = await lookup(fs, "sys/x/fails")
+    assert bad.st_size == 4096
+    fi = await fs.open(bad.st_ino, os.O_RDONLY, CTX)  # type: ignore[arg-type]
+    assert fi.direct_io and await errno_of(fs.read(fi.fh, 0, 4096)) == errno.ENODEV
+    assert (await lookup(fs, "sys/x")).attr_timeout == 1.0     # directories: one second
+    assert fs.requests["lookup"] == 11 and fs.requests["open"] == 3   # a walk from the root each
+
+
+async def test_flush_answered_enosys() -> None:
+    """The kernel stops sending FLUSH on a connection after its first ENOSYS."""
+    fs = VbusFS(Tree())
+    assert await errno_of(fs.flush(1)) == errno.ENOSYS  # type: ignore[arg-type]

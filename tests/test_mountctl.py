@@ -106,7 +106,8 @@ def test_mount_t_vbusfs(tmp_path: Path, state_env: dict[str, str]) -> None:
         assert (mnt / ".vbusfs/machine").read_text() == "tiny\n"
         # the service's own files, as the README lists them (no Xen bus: no block/)
         assert sorted(os.listdir(mnt / ".vbusfs")) == [
-            "config", "control", "host", "hv_utils", "machine", "pid", "state_dir", "stats",
+            "config", "control", "fuse_requests", "host", "hv_utils", "machine", "pid",
+            "state_dir", "stats",
             "version", "vmbus_version"]
         assert (mnt / ".vbusfs/stats/grants").read_text() == "0\n"     # no Xen bus
     finally:

@@ -102,3 +102,47 @@ def test_group_visibility_and_binding() -> None:
     o1.value = 42
     v = d1.children["value"]
     assert isinstance(v, Attribute) and v.render() == b"42\n"   # computed when read
+
+
+def test_static_attribute_rendered_once_and_sized_by_its_text() -> None:
+    t = Tree()
+    d = t.root.makedirs("sys/x")
+    calls = []
+
+    def show() -> str:
+        calls.append(1)
+        return "{57164f39-9115-4e78-ab55-382f3bd5422d}\n"
+
+    a = d.add(Attribute("class_id", show, static=True))
+    live = d.add(Attribute("state", lambda: "3\n"))
+    assert isinstance(a, Attribute) and isinstance(live, Attribute)
+    # the kernel trims a cached file's i_size to where a read ended: the size is the text's
+    assert a.size() == 39 and live.size() == 4096
+    assert a.render() == a.render() == b"{57164f39-9115-4e78-ab55-382f3bd5422d}\n"
+    assert len(calls) == 1
+
+
+def test_static_attribute_failure_not_kept() -> None:
+    t = Tree()
+    results: list[str | OSError] = [OSError(errno.ENODEV, "no channel"), "1\n"]
+
+    def show() -> str:
+        r = results.pop(0)
+        if isinstance(r, OSError):
+            raise r
+        return r
+
+    a = t.root.add(Attribute("id", show, static=True))
+    assert isinstance(a, Attribute)
+    assert a.size() == 4096                  # the failure is not kept ...
+    assert a.render() == b"1\n" and a.size() == 2     # ... the next open renders again
+
+
+def test_writable_attribute_cannot_be_static() -> None:
+    with pytest.raises(ValueError):
+        Attribute("cpu", lambda: "0\n", lambda _t: None, static=True)
+    with pytest.raises(ValueError):
+        Attribute("bind", None, lambda _t: None, static=True)
+    with pytest.raises(ValueError):
+        add_group(Tree().root, object(), Group([Attr("x", lambda _o: "1\n",
+                                                     lambda _o, _t: None, static=True)]))

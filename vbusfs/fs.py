@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,8 +41,11 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 def _errors(fn: F) -> F:
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].requests[name] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -64,25 +68,41 @@ class _Open:
 
 
 class VbusFS(pyfuse3.Operations):
-    """Dynamic files use direct I/O, so their contents are never cached. The tree shape and
-    directory attributes (link count, mtime) may be cached for one second, so a hot-added or
-    removed device shows within a second. The attributes of everything else cannot change
-    (an attribute file is 4096 bytes with a fixed mode, a symlink's target is fixed, a disk
-    keeps its size), so the kernel may keep them: without that, the permission walk of every
-    open costs a GETATTR per path component and a `grep -r` makes five of them per file.
-    The exception are in-memory data files (:class:`DataFile`), whose size changes when the
-    service writes them: their attributes are never cached."""
+    """What the kernel may cache, and for how long:
+
+    * names (entries): ``entry_timeout``, an hour by default. A name that leaves the tree
+      is dropped from the kernel's cache at once through the tree's ``on_remove`` hook
+      (:class:`vbusfs.invalidate.EntryInvalidator`; every removal is a
+      :meth:`Directory.remove`), and a name that is not there is never cached (a failed
+      LOOKUP leaves no negative entry), so a hot-added device shows at once;
+    * directory attributes (link count, mtime): one second (``dir_attr_timeout``);
+    * the attributes of everything else: an hour. They cannot change (an attribute's size
+      and mode are fixed, a symlink's target is fixed, a disk keeps its size); without
+      that, the permission walk of every open costs a GETATTR per path component. In-memory
+      data files (:class:`DataFile`), whose size changes when the service writes them, are
+      the exception: never cached;
+    * contents: a static attribute's (:class:`Attribute`) is kept in the page cache
+      (``keep_cache``, no direct I/O), so repeated reads never reach the service; it is
+      never written and inode numbers are never reused, so the cache cannot go stale.
+      Everything else is opened with direct I/O: live attributes are rendered at each
+      open, disks are read and written through their rings.
+
+    ``requests`` counts the requests each handler has answered
+    (``MNT/.vbusfs/fuse_requests``)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, entry_timeout: float = 1.0,
-                 invalidator: EntryInvalidator | None = None) -> None:
+    def __init__(self, tree: Tree, entry_timeout: float = 3600.0,
+                 invalidator: EntryInvalidator | None = None,
+                 dir_attr_timeout: float = 1.0) -> None:
         super().__init__()
         self.tree = tree
         self.invalidator = invalidator
         self.entry_timeout = entry_timeout
+        self.dir_attr_timeout = dir_attr_timeout
+        self.requests: Counter[str] = Counter()
         self._handles: dict[int, _Open] = {}
         self._dirs: dict[int, list[Node]] = {}
         self._next_fh = 1
@@ -131,7 +151,7 @@ class VbusFS(pyfuse3.Operations):
         if isinstance(node, DataFile):
             a.attr_timeout = 0
         else:
-            a.attr_timeout = self.entry_timeout if isinstance(node, Directory) else 3600
+            a.attr_timeout = self.dir_attr_timeout if isinstance(node, Directory) else 3600
         a.st_mode = pyfuse3.ModeT(node.mode)
         a.st_nlink = 2 + sum(isinstance(c, Directory) for c in node.children.values()) \
             if isinstance(node, Directory) else 1
@@ -317,6 +337,10 @@ class VbusFS(pyfuse3.Operations):
             raise OSError(errno.EINVAL, "not a regular file")
         fh = self._fh()
         self._handles[fh] = handle
+        if isinstance(node, Attribute) and node.static and handle.error is None:
+            # the page cache keeps it: later opens reuse it, reads never come here again
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=False,
+                                    keep_cache=True)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=True, keep_cache=False)
 
     def _handle(self, fh: int) -> _Open:
@@ -385,6 +409,13 @@ class VbusFS(pyfuse3.Operations):
         if isinstance(h.node, BlockFile):
             with self._disk_request():
                 await h.node.disk.flush()      # a flush request through the ring
+
+    @_errors
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        # Nothing to do at close (disks flush on fsync, stores act on write). ENOSYS makes
+        # the kernel stop sending FLUSH on this connection (fs/fuse/file.c fuse_flush sets
+        # fc->no_flush) and answer close() itself: one FLUSH per mount, not one per close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errors
     async def release(self, fh: pyfuse3.FileHandleT) -> None:

@@ -28,6 +28,7 @@ from vbusfs.errors import single_errors
 from vbusfs.fs import VbusFS
 from vbusfs.invalidate import EntryInvalidator
 from vbusfs.machine import Machine
+from vbusfs.sysfs import Attribute
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ def _mount_options() -> set[str]:
     return opts
 
 
+def _add_request_counts(machine: Machine, fs: VbusFS) -> None:
+    """``MNT/.vbusfs/fuse_requests``: how many requests of each kind (``lookup``,
+    ``open``, ``read``...) the FUSE layer has answered, one ``name count`` a line, so that a
+    test or a benchmark can see which reach the service and which the kernel answers. (Not
+    in ``stats/``, whose files are one number each of what the service holds.)"""
+    machine.control.add(Attribute("fuse_requests", lambda: "".join(
+        f"{name} {count}\n" for name, count in sorted(fs.requests.items()))))
+
+
 async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) -> None:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -95,6 +105,7 @@ async def _run(machine: Machine, mountpoint: str, on_ready: Callable[[], None]) 
         machine.add_control_files(stop.set)
         invalidator = EntryInvalidator()
         fs = VbusFS(machine.tree, invalidator=invalidator)
+        _add_request_counts(machine, fs)
         pyfuse3.init(fs, mountpoint, _mount_options())
         try:
             await nursery.start(invalidator.run)

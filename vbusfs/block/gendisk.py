@@ -308,22 +308,22 @@ def _store_bool(name: str) -> Attr[Disk]:
 
 
 DISK_GROUP: Group[Disk] = Group([
-    Attr("dev", lambda d: f"{d.major}:{d.minor}\n"),
+    Attr("dev", lambda d: f"{d.major}:{d.minor}\n", static=True),
     Attr("size", lambda d: f"{0 if d.dead else d.sectors}\n"),
     Attr("ro", lambda d: f"{int(d.readonly)}\n"),
-    Attr("removable", lambda d: f"{int(d.removable)}\n"),
-    Attr("hidden", lambda d: "0\n"),
-    Attr("range", lambda d: f"{d.minors}\n"),
-    Attr("ext_range", lambda d: f"{d.ext_range}\n"),
-    Attr("alignment_offset", lambda d: "0\n"),
-    Attr("discard_alignment", lambda d: "0\n"),
-    Attr("capability", lambda d: "0\n"),
+    Attr("removable", lambda d: f"{int(d.removable)}\n", static=True),
+    Attr("hidden", lambda d: "0\n", static=True),
+    Attr("range", lambda d: f"{d.minors}\n", static=True),
+    Attr("ext_range", lambda d: f"{d.ext_range}\n", static=True),
+    Attr("alignment_offset", lambda d: "0\n", static=True),
+    Attr("discard_alignment", lambda d: "0\n", static=True),
+    Attr("capability", lambda d: "0\n", static=True),
     Attr("stat", Disk.stat_text),
     Attr("inflight", lambda d: f"{d.in_flight[0]:8d} {d.in_flight[1]:8d}\n"),
     Attr("diskseq", lambda d: f"{d.diskseq}\n"),
-    Attr("events", lambda d: "\n"),
-    Attr("events_async", lambda d: "\n"),
-    Attr("events_poll_msecs", lambda d: "-1\n"),
+    Attr("events", lambda d: "\n", static=True),
+    Attr("events_async", lambda d: "\n", static=True),
+    Attr("events_poll_msecs", lambda d: "-1\n", static=True),
 ])
 
 QUEUE_GROUP: Group[Disk] = Group([
@@ -331,12 +331,12 @@ QUEUE_GROUP: Group[Disk] = Group([
     Attr("physical_block_size", lambda d: f"{d.limits.physical_block_size}\n"),
     Attr("hw_sector_size", lambda d: f"{d.limits.logical_block_size}\n"),
     Attr("minimum_io_size", lambda d: f"{d.limits.physical_block_size}\n"),
-    Attr("optimal_io_size", lambda d: "0\n"),
+    Attr("optimal_io_size", lambda d: "0\n", static=True),
     _int_store(4, -1, "max_sectors_kb"),
     Attr("max_hw_sectors_kb", lambda d: f"{d.limits.max_transfer // 1024}\n"),
     Attr("max_segments", lambda d: f"{d.limits.max_segments}\n"),
     Attr("max_segment_size", lambda d: f"{d.limits.max_segment_size}\n"),
-    Attr("max_integrity_segments", lambda d: "0\n"),
+    Attr("max_integrity_segments", lambda d: "0\n", static=True),
     Attr("dma_alignment", lambda d: f"{d.limits.dma_alignment}\n"),
     _store_bool("rotational"),
     _int_store(4, 100000, "nr_requests"),
@@ -346,9 +346,9 @@ QUEUE_GROUP: Group[Disk] = Group([
     Attr("discard_granularity", lambda d: f"{d.limits.discard_granularity}\n"),
     Attr("discard_max_bytes", lambda d: f"{d.limits.max_discard_bytes}\n"),
     Attr("discard_max_hw_bytes", lambda d: f"{d.limits.max_discard_bytes}\n"),
-    Attr("discard_zeroes_data", lambda d: "0\n"),
-    Attr("write_same_max_bytes", lambda d: "0\n"),
-    Attr("write_zeroes_max_bytes", lambda d: "0\n"),
+    Attr("discard_zeroes_data", lambda d: "0\n", static=True),
+    Attr("write_same_max_bytes", lambda d: "0\n", static=True),
+    Attr("write_zeroes_max_bytes", lambda d: "0\n", static=True),
     _int_store(0, 2, "nomerges"),
     _int_store(0, 2, "rq_affinity"),
     _store_bool("iostats"),
@@ -356,10 +356,10 @@ QUEUE_GROUP: Group[Disk] = Group([
     Attr("write_cache", lambda d: "write back\n" if d.queue.write_cache else "write through\n",
          _store_write_cache),
     Attr("fua", lambda d: f"{int(d.limits.fua)}\n"),
-    Attr("zoned", lambda d: "none\n"),
-    Attr("dax", lambda d: "0\n"),
-    Attr("chunk_sectors", lambda d: "0\n"),
-    Attr("nr_zones", lambda d: "0\n"),
+    Attr("zoned", lambda d: "none\n", static=True),
+    Attr("dax", lambda d: "0\n", static=True),
+    Attr("chunk_sectors", lambda d: "0\n", static=True),
+    Attr("nr_zones", lambda d: "0\n", static=True),
 ], subdir="queue")
 
 
@@ -379,8 +379,8 @@ def add_disk(tree: Tree, parent: Directory, disk: Disk, control: Directory | Non
     bdi = tree.root.makedirs(f"sys/devices/virtual/bdi/{disk.major}:{disk.minor}")
     if "read_ahead_kb" not in bdi.children:
         bdi.add(Attribute("read_ahead_kb", lambda: f"{disk.queue.read_ahead_kb}\n"))
-        bdi.add(Attribute("min_ratio", lambda: "0\n"))
-        bdi.add(Attribute("max_ratio", lambda: "100\n"))
+        bdi.add(Attribute("min_ratio", lambda: "0\n", static=True))
+        bdi.add(Attribute("max_ratio", lambda: "100\n", static=True))
     d.add(Symlink("bdi", bdi))
     d.mkdir("holders")
     d.mkdir("slaves")

@@ -25,6 +25,8 @@ class Attr(Generic[T]):
     show: Callable[[T], str] | None = None
     store: Callable[[T, str], Awaitable[str | None] | str | None] | None = None
     perm: int | None = None   # None: 0444 / 0644 / 0200 from show and store
+    #: the text cannot change while the attribute exists (see :class:`Attribute`)
+    static: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ def _bind(obj: T, attr: Attr[T]) -> Attribute:
         (lambda: show(obj)) if show is not None else None,
         (lambda text: store(obj, text)) if store is not None else None,
         attr.perm,
+        static=attr.static,
     )
 
 

@@ -87,9 +87,9 @@ def add_power_dir(devdir: Directory) -> Directory:
         state["control"] = value
 
     power.add(Attribute("control", lambda: state["control"] + "\n", store_control))
-    power.add(Attribute("runtime_status", lambda: "unsupported\n"))
-    power.add(Attribute("runtime_active_time", lambda: "0\n"))
-    power.add(Attribute("runtime_suspended_time", lambda: "0\n"))
+    power.add(Attribute("runtime_status", lambda: "unsupported\n", static=True))
+    power.add(Attribute("runtime_active_time", lambda: "0\n", static=True))
+    power.add(Attribute("runtime_suspended_time", lambda: "0\n", static=True))
     return power
 
 

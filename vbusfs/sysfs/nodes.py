@@ -5,6 +5,10 @@ Rules kept here (reference/sysfs.md §0, design.md §3):
 * a text attribute is generated when opened (:meth:`Attribute.render`), reports ``st_size``
   4096 and has the Linux mode (0444, 0644, 0200); a ``show`` that fails raises ``OSError``
   with the errno a read must return;
+* a *static* text attribute (one that cannot change while its node exists: ids, class and
+  vendor numbers, modaliases, fixed limits) is rendered once and kept, and reports its
+  content's length as ``st_size`` instead, so that the kernel may cache it (README,
+  "Attributes the kernel caches"); a writable attribute is never static;
 * a bad value given to ``store`` raises ``OSError(EINVAL)`` and must change nothing;
 * symlinks are stored as target *nodes* and rendered as relative paths at readlink time, so
   they always resolve inside the mount;
@@ -165,28 +169,44 @@ Store = Callable[[str], "Awaitable[str | None] | str | None"]
 
 
 class Attribute(Node):
-    """A text attribute. ``show`` returns the whole text (newline included)."""
+    """A text attribute. ``show`` returns the whole text (newline included).
 
-    __slots__ = ("show", "store", "perm")
+    ``static``: the text cannot change while this node exists (nothing a store, a hot-plug,
+    a driver bind or unbind, a ring or a counter does can change it; the node goes away
+    with what it describes). Its first successful rendering is kept and served from then
+    on, and ``st_size`` is that rendering's length: the FUSE layer lets the kernel cache
+    the contents, and the kernel trims a cached file's size to where a read came up short,
+    so 4096 would not stay what ``stat`` says. A failed ``show`` is not kept."""
+
+    __slots__ = ("show", "store", "perm", "static", "_text")
     kind = stat.S_IFREG
 
     def __init__(self, name: str, show: Show | None, store: Store | None = None,
-                 perm: int | None = None) -> None:
+                 perm: int | None = None, *, static: bool = False) -> None:
         super().__init__(name)
         if show is None and store is None:
             raise ValueError(f"attribute {name} can neither be read nor written")
+        if static and (store is not None or show is None):
+            raise ValueError(f"attribute {name}: only a read-only attribute can be static")
         self.show = show
         self.store = store
         if perm is None:
             perm = (0o444 if show else 0) | (0o200 if store else 0)
         self.perm = perm
+        self.static = static
+        self._text: bytes | None = None
 
     @property
     def mode(self) -> int:
         return stat.S_IFREG | self.perm
 
     def size(self) -> int:
-        return ATTR_SIZE
+        if not self.static:
+            return ATTR_SIZE
+        try:
+            return len(self.render())
+        except OSError:
+            return ATTR_SIZE      # not kept: a later open renders (and fails) again
 
     @property
     def readable(self) -> bool:
@@ -198,9 +218,14 @@ class Attribute(Node):
 
     def render(self) -> bytes:
         """The text a reader sees; raises OSError(errno) when ``show`` fails."""
+        if self._text is not None:
+            return self._text
         if self.show is None:
             raise PermissionError(errno.EACCES, f"{self.path()} is write-only")
-        return self.show().encode()
+        text = self.show().encode()
+        if self.static:
+            self._text = text
+        return text
 
     def write(self, data: bytes) -> Awaitable[str | None] | str | None:
         """Hand ``data`` to ``store``; the result may need awaiting (see :data:`Store`)."""

@@ -62,8 +62,9 @@ class PciBus:
         """``pci_bus/DDDD:BB`` under the root device, and its class link."""
         busname = f"{self.root.domain:04x}:{self.root.bus:02x}"
         d = self.root_dir.makedirs(f"pci_bus/{busname}")
-        d.add(Attribute("cpuaffinity", lambda: pci_sysfs.cpumask(self.cpus) + "\n"))
-        d.add(Attribute("cpulistaffinity", lambda: pci_sysfs.cpulist(self.cpus) + "\n"))
+        d.add(Attribute("cpuaffinity", lambda: pci_sysfs.cpumask(self.cpus) + "\n", static=True))
+        d.add(Attribute("cpulistaffinity", lambda: pci_sysfs.cpulist(self.cpus) + "\n",
+                        static=True))
         d.add(Attribute("rescan", None, self._store_rescan))
         self.sysfs.dir.add(Attribute("rescan", None, self._store_rescan))
         cls = self.tree.root.makedirs("sys/class/pci_bus")

@@ -90,17 +90,17 @@ def _store_override(d: PciDev, text: str) -> None:
 
 
 DEVICE_GROUP: Group[PciDev] = Group([
-    Attr("vendor", lambda d: f"0x{d.vendor:04x}\n"),
-    Attr("device", lambda d: f"0x{d.device:04x}\n"),
-    Attr("subsystem_vendor", lambda d: f"0x{d.subsystem_vendor:04x}\n"),
-    Attr("subsystem_device", lambda d: f"0x{d.subsystem_device:04x}\n"),
-    Attr("revision", lambda d: f"0x{d.revision:02x}\n"),
-    Attr("class", lambda d: f"0x{d.class_code:06x}\n"),
+    Attr("vendor", lambda d: f"0x{d.vendor:04x}\n", static=True),
+    Attr("device", lambda d: f"0x{d.device:04x}\n", static=True),
+    Attr("subsystem_vendor", lambda d: f"0x{d.subsystem_vendor:04x}\n", static=True),
+    Attr("subsystem_device", lambda d: f"0x{d.subsystem_device:04x}\n", static=True),
+    Attr("revision", lambda d: f"0x{d.revision:02x}\n", static=True),
+    Attr("class", lambda d: f"0x{d.class_code:06x}\n", static=True),
     Attr("irq", lambda d: f"{d.irq}\n"),
     Attr("resource", _resource),
-    Attr("modalias", lambda d: _modalias(d) + "\n"),
-    Attr("local_cpus", lambda d: cpumask(d.cpus) + "\n"),
-    Attr("local_cpulist", lambda d: cpulist(d.cpus) + "\n"),
+    Attr("modalias", lambda d: _modalias(d) + "\n", static=True),
+    Attr("local_cpus", lambda d: cpumask(d.cpus) + "\n", static=True),
+    Attr("local_cpulist", lambda d: cpulist(d.cpus) + "\n", static=True),
     Attr("numa_node", lambda d: f"{d.numa_node}\n", _store_numa_node),
     Attr("dma_mask_bits", lambda d: f"{d.dma_mask_bits}\n"),
     Attr("consistent_dma_mask_bits", lambda d: f"{d.dma_mask_bits}\n"),
@@ -112,8 +112,8 @@ DEVICE_GROUP: Group[PciDev] = Group([
     Attr("driver_override",
          lambda d: f"{d.driver_override if d.driver_override is not None else '(null)'}\n",
          _store_override),
-    Attr("ari_enabled", lambda d: "0\n"),
-    Attr("power_state", lambda d: "D0\n"),
+    Attr("ari_enabled", lambda d: "0\n", static=True),
+    Attr("power_state", lambda d: "D0\n", static=True),
 ])
 
 

@@ -91,10 +91,10 @@ def _features(d: VirtioDevice) -> str:
 
 
 DEVICE_GROUP: Group[VirtioDevice] = Group([
-    Attr("device", lambda d: f"0x{d.device_id:04x}\n"),
-    Attr("vendor", lambda d: f"0x{d.vendor:04x}\n"),
+    Attr("device", lambda d: f"0x{d.device_id:04x}\n", static=True),
+    Attr("vendor", lambda d: f"0x{d.vendor:04x}\n", static=True),
     Attr("status", lambda d: f"0x{d.status:08x}\n"),
-    Attr("modalias", lambda d: ids.virtio_modalias(d.device_id, d.vendor) + "\n"),
+    Attr("modalias", lambda d: ids.virtio_modalias(d.device_id, d.vendor) + "\n", static=True),
     Attr("features", _features),
 ])
 

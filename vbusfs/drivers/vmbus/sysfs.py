@@ -76,13 +76,13 @@ def _visible(dev: VmbusDevice, attr: Attr[VmbusDevice]) -> bool:
 
 
 DEVICE_GROUP: Group[VmbusDevice] = Group(attrs=(
-    Attr("id", lambda d: f"{d.offer.child_relid}\n"),
+    Attr("id", lambda d: f"{d.offer.child_relid}\n", static=True),
     Attr("state", lambda d: f"{int(d.channel.state)}\n"),
-    Attr("monitor_id", lambda d: f"{d.offer.monitorid}\n"),
-    Attr("class_id", lambda d: guid_braced(d.offer.if_type) + "\n"),
-    Attr("device_id", lambda d: guid_braced(d.offer.if_instance) + "\n"),
-    Attr("modalias", lambda d: f"vmbus:{guid_modalias_hex(d.offer.if_type)}\n"),
-    Attr("numa_node", lambda d: "0\n"),
+    Attr("monitor_id", lambda d: f"{d.offer.monitorid}\n", static=True),
+    Attr("class_id", lambda d: guid_braced(d.offer.if_type) + "\n", static=True),
+    Attr("device_id", lambda d: guid_braced(d.offer.if_instance) + "\n", static=True),
+    Attr("modalias", lambda d: f"vmbus:{guid_modalias_hex(d.offer.if_type)}\n", static=True),
+    Attr("numa_node", lambda d: "0\n", static=True),
     Attr("server_monitor_pending", _pending(0)),
     Attr("client_monitor_pending", _pending(1)),
     Attr("server_monitor_latency", _latency(0)),
@@ -92,8 +92,8 @@ DEVICE_GROUP: Group[VmbusDevice] = Group(attrs=(
     *(Attr(f"{direction}_{name}", _ring_info(direction, field))
       for direction in ("out", "in") for name, field in _RING_FIELDS),
     Attr("channel_vp_mapping", lambda d: f"{d.channel.relid}:{d.channel.target_cpu}\n"),
-    Attr("vendor", lambda d: "0x1414\n"),
-    Attr("device", lambda d: f"{d.dev_type:#x}\n"),
+    Attr("vendor", lambda d: "0x1414\n", static=True),
+    Attr("device", lambda d: f"{d.dev_type:#x}\n", static=True),
     Attr("driver_override",
          lambda d: f"{d.driver_override if d.driver_override is not None else '(null)'}\n",
          _store_driver_override),
@@ -129,8 +129,8 @@ CHANNEL_GROUP: Group[VmbusDevice] = Group(attrs=(
     Attr("intr_out_empty", _endpoint_count("intr_out_empty")),
     Attr("out_full_first", _endpoint_count("out_full_first")),
     Attr("out_full_total", _endpoint_count("out_full_total")),
-    Attr("monitor_id", lambda d: f"{d.offer.monitorid}\n"),
-    Attr("subchannel_id", lambda d: f"{d.offer.sub_channel_index}\n"),
+    Attr("monitor_id", lambda d: f"{d.offer.monitorid}\n", static=True),
+    Attr("subchannel_id", lambda d: f"{d.offer.sub_channel_index}\n", static=True),
 ), is_visible=_visible)
 
 
@@ -167,7 +167,7 @@ def _dynid_store(dynids: set[uuid.UUID], add: bool) -> Callable[[str], None]:
 def add_bus_files(bus: Bus, hibernation: bool = False) -> None:
     """``/sys/bus/vmbus/hibernation``: ``hv_is_hibernation_supported()``, whether the
     platform offers ACPI S4."""
-    bus.dir.add(Attribute("hibernation", lambda: f"{int(hibernation)}\n"))
+    bus.dir.add(Attribute("hibernation", lambda: f"{int(hibernation)}\n", static=True))
 
 
 def add_driver_files(drv_dir: Directory, dynids: set[uuid.UUID]) -> None:

@@ -15,7 +15,7 @@ def add_sys_hypervisor(tree: Tree, info: XenVersionInfo) -> None:
     def attr(path: str, text: str) -> None:
         head, _, name = path.rpartition("/")
         d = hv.makedirs(head) if head else hv
-        d.add(Attribute(name, lambda: text))
+        d.add(Attribute(name, lambda: text, static=True))
 
     attr("type", "xen\n")
     attr("guest_type", info.guest_type + "\n")

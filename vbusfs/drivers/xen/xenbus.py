@@ -86,9 +86,9 @@ def _store_threshold(dev: XenbusDevice, text: str) -> None:
 
 
 XENBUS_GROUP: Group[XenbusDevice] = Group([
-    Attr("nodename", lambda d: d.nodename + "\n"),
-    Attr("devtype", lambda d: d.devtype + "\n"),
-    Attr("modalias", lambda d: f"xen:{d.devtype}\n"),
+    Attr("nodename", lambda d: d.nodename + "\n", static=True),
+    Attr("devtype", lambda d: d.devtype + "\n", static=True),
+    Attr("modalias", lambda d: f"xen:{d.devtype}\n", static=True),
     Attr("state", lambda d: strstate(d.state) + "\n"),
 ])
 
@@ -96,8 +96,8 @@ XENBUS_GROUP: Group[XenbusDevice] = Group([
 XENBUS_STATS_GROUP: Group[XenbusDevice] = Group([
     Attr("event_channels", lambda d: f"{1 if d.port else 0}\n"),
     Attr("events", lambda d: f"{d.events()}\n"),
-    Attr("spurious_events", lambda d: "0\n"),
-    Attr("jiffies_eoi_delayed", lambda d: "0\n"),
+    Attr("spurious_events", lambda d: "0\n", static=True),
+    Attr("jiffies_eoi_delayed", lambda d: "0\n", static=True),
     Attr("spurious_threshold", lambda d: f"{d.spurious_threshold}\n", _store_threshold),
 ], subdir="xenbus")
 
@@ -244,9 +244,9 @@ class XenBus:
     def _add_backend(self, b: _BackendDev) -> None:
         self.backends[b.name] = b
         b.dir = self.tree.root.makedirs("sys/devices/xen-backend").mkdir(b.name)
-        b.dir.add(Attribute("nodename", lambda: b.nodename + "\n"))
-        b.dir.add(Attribute("devtype", lambda: b.devtype + "\n"))
-        b.dir.add(Attribute("modalias", lambda: f"xen-backend:{b.devtype}\n"))
+        b.dir.add(Attribute("nodename", lambda: b.nodename + "\n", static=True))
+        b.dir.add(Attribute("devtype", lambda: b.devtype + "\n", static=True))
+        b.dir.add(Attribute("modalias", lambda: f"xen-backend:{b.devtype}\n", static=True))
         b.dir.add(Attribute("state", lambda: strstate(b.state) + "\n"))
         base = f"/local/domain/{self.backend_domid}/backend"
         self.backend_bus.add_device(b.dir, lambda: (

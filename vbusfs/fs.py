@@ -350,7 +350,11 @@ class VbusFS(pyfuse3.Operations):
         return h
 
     @_errors
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    # pyfuse3 replies with any contiguous buffer (fuse_read_async: PyObject_GetBuffer), so a
+    # disk's large read hands its buffer over instead of copying it into bytes; the stub
+    # says bytes
+    async def read(self, fh: pyfuse3.FileHandleT, off: int,  # type: ignore[override]
+                   size: int) -> bytes | bytearray:
         h = self._handle(fh)
         if isinstance(h.node, BlockFile):
             if off < 0:

@@ -148,12 +148,13 @@ class ImageExecutor:
         for i, r in enumerate(reqs):
             if r.op != StorageOp.READ or r.preflush:
                 return i
-            off, n = r.offset, r.length
-            if off < 0 or n < 0 or off + n > size or sum(map(len, r.iov)) != n:
+            off, n, iov = r.offset, r.length, r.iov
+            if off < 0 or n < 0 or off + n > size or \
+                    (len(iov[0]) if len(iov) == 1 else sum(map(len, iov))) != n:
                 r.status = self._refused(r)        # (the same check, saying why)
                 continue
             try:
-                if not img.preadv_nowait(r.iov, r.offset):
+                if not img.preadv_nowait(iov, off):
                     return i
             except OSError as e:
                 if e.errno == errno.EOPNOTSUPP:

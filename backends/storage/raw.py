@@ -104,11 +104,11 @@ class RawImage:
     def preadv_nowait(self, bufs: Buffers, offset: int) -> bool:
         """Read only if the page cache holds all of it (``RWF_NOWAIT``): True when done,
         False when it would block (nothing useful was read). Never blocks."""
-        want = sum(len(b) for b in bufs)
         try:
             got = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return False
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         if got == want:
             return True
         if got == 0 and offset >= self.size:

@@ -210,7 +210,8 @@ class Engine:
             raise OSError(errno.EINVAL, f"a command of {npages} pages exceeds the pool")
         if not self.connected:           # nothing will ever wake a waiter now
             raise OSError(errno.EIO, "disk disconnected")
-        if self._waiters or not self.free or not self._fits(need, npages):
+        if self._waiters or not self.free or self.pool.free_pages < need or \
+                (npages > self.safe_pages and not self._fits(need, npages)):
             if not self.free:
                 self.freezes["cm_shortage"] += 1
             else:

@@ -393,7 +393,8 @@ class Blkfront:
                 complete(rid, 0 if status == 0 else errnos.get(status, errno.EIO))
             if not ring.final_check_for_responses():
                 break
-        engine.startio()
+        if engine.ready:
+            engine.startio()
         return True
 
     async def close(self) -> None:

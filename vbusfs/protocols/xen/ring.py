@@ -105,8 +105,11 @@ class FrontRing(_Ring):
         return self.free_requests() == 0
 
     def push_requests_and_check_notify(self) -> bool:
-        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
-        return self._push(REQ_PROD, self.req_prod_pvt)
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` (:meth:`_push`, inline: once a request)."""
+        hdr, new = self._hdr, self.req_prod_pvt
+        old = hdr[0]
+        hdr[0] = new
+        return (new - hdr[1]) & MASK32 < (new - old) & MASK32
 
     def unconsumed_responses(self) -> int:
         return (self._hdr[2] - self.rsp_cons) & MASK32
@@ -142,11 +145,15 @@ class BackRing(_Ring):
         return (prod - self.rsp_prod_pvt) & MASK32 > self.size
 
     def push_responses_and_check_notify(self) -> bool:
-        return self._push(RSP_PROD, self.rsp_prod_pvt)
+        """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`` (:meth:`_push`, inline)."""
+        hdr, new = self._hdr, self.rsp_prod_pvt
+        old = hdr[2]
+        hdr[2] = new
+        return (new - hdr[3]) & MASK32 < (new - old) & MASK32
 
     def final_check_for_requests(self) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``: arm ``req_event`` and re-check."""
         if self.unconsumed_requests():
             return True
-        self._set(REQ_EVENT, self.req_cons + 1)
+        self._hdr[1] = (self.req_cons + 1) & MASK32
         return bool(self.unconsumed_requests())

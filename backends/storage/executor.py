@@ -125,9 +125,10 @@ class ImageExecutor:
     def _refused(self, r: Request) -> int:
         """The errno a request fails with before it reaches the image, or 0."""
         img = self.image
+        iov = r.iov
         if r.offset < 0 or r.length < 0 or r.offset + r.length > img.size or \
                 (r.op in (StorageOp.READ, StorageOp.WRITE) and
-                 sum(map(len, r.iov)) != r.length):
+                 (len(iov[0]) if len(iov) == 1 else sum(map(len, iov))) != r.length):
             log.error("%s: %s of %d bytes at %d lies outside the image (%d bytes) or its "
                       "buffers hold another length; refused", self.name, r.op.name, r.length,
                       r.offset, img.size)

@@ -95,7 +95,7 @@ class RawImage:
         self.created = created
 
     def preadv(self, bufs: Buffers, offset: int) -> int:
-        want = sum(len(b) for b in bufs)
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         got = os.preadv(self.fd, bufs, offset)
         if got != want:
             raise ImageError(errno.EIO, f"short read at {offset}: {got} of {want} bytes")
@@ -116,7 +116,7 @@ class RawImage:
         return False             # partly cached: the blocking read does it all
 
     def pwritev(self, bufs: Buffers, offset: int) -> int:
-        total = sum(len(b) for b in bufs)
+        total = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         done = os.pwritev(self.fd, bufs, offset)
         while done < total:          # rare: finish a partial write
             rest = b"".join(bytes(b) for b in bufs)[done:]

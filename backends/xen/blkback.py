@@ -314,7 +314,10 @@ class Blkback:
         self._pumping = True
         try:
             while True:
-                work = self._consume(ring)
+                # nothing published since the last look: nothing to consume (and, as
+                # req_cons never runs ahead of the responses by more than the ring, no
+                # overflow to find)
+                work = self._consume(ring) if ring.req_prod != ring.req_cons else []
                 if self.broken:
                     return True
                 if work and not ex.submit(work, answer):

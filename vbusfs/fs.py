@@ -7,14 +7,13 @@ the traceback logged, so no handler error can end the mount.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import inspect
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,6 +66,22 @@ class _Open:
     direct: bool = False             # a disk opened O_DIRECT: whole logical blocks only
 
 
+class _DiskRequest:
+    """The context of one disk request being served (:meth:`VbusFS._disk_request`): a
+    class, not a ``contextlib.contextmanager``, as it wraps every disk read and write."""
+
+    __slots__ = ("fs",)
+
+    def __init__(self, fs: VbusFS) -> None:
+        self.fs = fs
+
+    def __enter__(self) -> None:
+        self.fs._disk_io += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.fs._disk_request_done()
+
+
 class VbusFS(pyfuse3.Operations):
     """What the kernel may cache, and for how long:
 
@@ -109,6 +124,7 @@ class VbusFS(pyfuse3.Operations):
         self._disk_io = 0                        # disk reads, writes, fsyncs being served
         self._disk_io_stopped = False
         self._disk_io_idle = trio.Event()
+        self._disk_gate = _DiskRequest(self)
 
     # -- the service stopping ------------------------------------------------------------------
     # Once the service is gone the kernel answers every request on a FUSE file with ENOTCONN
@@ -126,17 +142,17 @@ class VbusFS(pyfuse3.Operations):
         """Return once no disk I/O is being served (after :meth:`stop_disk_io`)."""
         await self._disk_io_idle.wait()
 
-    @contextlib.contextmanager
-    def _disk_request(self) -> Iterator[None]:
+    def _disk_request(self) -> _DiskRequest:
+        """``with self._disk_request():`` around a disk read, write or fsync: refused once
+        the service stops, counted while it is served."""
         if self._disk_io_stopped:
             raise OSError(errno.ENOTCONN, "the service is stopping")
-        self._disk_io += 1
-        try:
-            yield
-        finally:
-            self._disk_io -= 1
-            if self._disk_io == 0 and self._disk_io_stopped:
-                self._disk_io_idle.set()
+        return self._disk_gate
+
+    def _disk_request_done(self) -> None:
+        self._disk_io -= 1
+        if self._disk_io == 0 and self._disk_io_stopped:
+            self._disk_io_idle.set()
 
     def _fh(self) -> int:
         fh = self._next_fh
@@ -355,7 +371,7 @@ class VbusFS(pyfuse3.Operations):
     # says bytes
     async def read(self, fh: pyfuse3.FileHandleT, off: int,  # type: ignore[override]
                    size: int) -> bytes | bytearray:
-        h = self._handle(fh)
+        h = self._handles.get(fh) or self._handle(fh)
         if isinstance(h.node, BlockFile):
             if off < 0:
                 raise OSError(errno.EINVAL, "negative offset")
@@ -377,7 +393,7 @@ class VbusFS(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        h = self._handle(fh)
+        h = self._handles.get(fh) or self._handle(fh)
         node = h.node
         if isinstance(node, BlockFile):
             if off < 0:

@@ -125,9 +125,10 @@ class ImageExecutor:
     def _refused(self, r: Request) -> int:
         """The errno a request fails with before it reaches the image, or 0."""
         img = self.image
+        iov = r.iov
         if r.offset < 0 or r.length < 0 or r.offset + r.length > img.size or \
                 (r.op in (StorageOp.READ, StorageOp.WRITE) and
-                 sum(map(len, r.iov)) != r.length):
+                 (len(iov[0]) if len(iov) == 1 else sum(map(len, iov))) != r.length):
             log.error("%s: %s of %d bytes at %d lies outside the image (%d bytes) or its "
                       "buffers hold another length; refused", self.name, r.op.name, r.length,
                       r.offset, img.size)
@@ -148,12 +149,13 @@ class ImageExecutor:
         for i, r in enumerate(reqs):
             if r.op != StorageOp.READ or r.preflush:
                 return i
-            off, n = r.offset, r.length
-            if off < 0 or n < 0 or off + n > size or sum(map(len, r.iov)) != n:
+            off, n, iov = r.offset, r.length, r.iov
+            if off < 0 or n < 0 or off + n > size or \
+                    (len(iov[0]) if len(iov) == 1 else sum(map(len, iov))) != n:
                 r.status = self._refused(r)        # (the same check, saying why)
                 continue
             try:
-                if not img.preadv_nowait(r.iov, r.offset):
+                if not img.preadv_nowait(iov, off):
                     return i
             except OSError as e:
                 if e.errno == errno.EOPNOTSUPP:

@@ -95,7 +95,7 @@ class RawImage:
         self.created = created
 
     def preadv(self, bufs: Buffers, offset: int) -> int:
-        want = sum(len(b) for b in bufs)
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         got = os.preadv(self.fd, bufs, offset)
         if got != want:
             raise ImageError(errno.EIO, f"short read at {offset}: {got} of {want} bytes")
@@ -104,11 +104,11 @@ class RawImage:
     def preadv_nowait(self, bufs: Buffers, offset: int) -> bool:
         """Read only if the page cache holds all of it (``RWF_NOWAIT``): True when done,
         False when it would block (nothing useful was read). Never blocks."""
-        want = sum(len(b) for b in bufs)
         try:
             got = os.preadv(self.fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:
             return False
+        want = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         if got == want:
             return True
         if got == 0 and offset >= self.size:
@@ -116,7 +116,7 @@ class RawImage:
         return False             # partly cached: the blocking read does it all
 
     def pwritev(self, bufs: Buffers, offset: int) -> int:
-        total = sum(len(b) for b in bufs)
+        total = len(bufs[0]) if len(bufs) == 1 else sum(map(len, bufs))
         done = os.pwritev(self.fd, bufs, offset)
         while done < total:          # rare: finish a partial write
             rest = b"".join(bytes(b) for b in bufs)[done:]

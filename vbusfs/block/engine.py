@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import errno
 import logging
@@ -64,6 +65,10 @@ def pages_per_command(limits: Limits, contiguous: bool = True) -> int:
     return n
 
 
+def _run_start(ext: list[int]) -> int:
+    return ext[0]
+
+
 class PagePool:
     """A fixed set of guest frames lent to commands; a single run when one is free
     (first fit), else the largest runs first, so a command takes as few segments as the pool
@@ -78,22 +83,26 @@ class PagePool:
 
     def alloc(self, n: int) -> list[int]:
         assert 0 < n <= self.free_pages
+        free = self._free
+        for i, ext in enumerate(free):    # a single run if there is one
+            start, size = ext
+            if size >= n:
+                if size == n:
+                    del free[i]
+                else:
+                    ext[0] = start + n
+                    ext[1] = size - n
+                self.free_pages -= n
+                return [start] if n == 1 else list(range(start, start + n))
         out: list[int] = []
-        for ext in self._free:            # a single run if there is one
-            if ext[1] >= n:
-                out = list(range(ext[0], ext[0] + n))
-                ext[0] += n
-                ext[1] -= n
+        for ext in sorted(free, key=lambda e: -e[1]):
+            take = min(ext[1], n - len(out))
+            out.extend(range(ext[0], ext[0] + take))
+            ext[0] += take
+            ext[1] -= take
+            if len(out) == n:
                 break
-        else:
-            for ext in sorted(self._free, key=lambda e: -e[1]):
-                take = min(ext[1], n - len(out))
-                out.extend(range(ext[0], ext[0] + take))
-                ext[0] += take
-                ext[1] -= take
-                if len(out) == n:
-                    break
-        self._free = [e for e in self._free if e[1]]
+        self._free = [e for e in free if e[1]]
         self.free_pages -= n
         return out
 
@@ -111,13 +120,13 @@ class PagePool:
     def release(self, pfns: Sequence[int]) -> None:
         if not pfns:
             return
+        first, n = pfns[0], len(pfns)
+        if pfns[-1] - first == n - 1:                # one run (pages come in order)
+            self._give_back(first, n)
+            self.free_pages += n
+            return
         runs: list[list[int]] = []
-        if pfns[-1] - pfns[0] == len(pfns) - 1:      # one run (pages come in order)
-            runs.append([pfns[0], len(pfns)])
-            pfns_left: Sequence[int] = ()
-        else:
-            pfns_left = pfns
-        for p in pfns_left:
+        for p in pfns:
             if runs and runs[-1][0] + runs[-1][1] == p:
                 runs[-1][1] += 1
             else:
@@ -130,6 +139,24 @@ class PagePool:
                 merged.append(list(ext))
         self._free = merged
         self.free_pages += len(pfns)
+
+    def _give_back(self, start: int, n: int) -> None:
+        """Put the run ``start``..``start + n`` back into the free list (sorted by start,
+        neighbours merged), without re-sorting the whole list."""
+        free = self._free
+        i = bisect.bisect_left(free, start, key=_run_start)
+        end = start + n
+        if i and free[i - 1][0] + free[i - 1][1] == start:        # joins the run before
+            prev = free[i - 1]
+            prev[1] += n
+            if i < len(free) and free[i][0] == end:               # ... and the one after
+                prev[1] += free[i][1]
+                del free[i]
+        elif i < len(free) and free[i][0] == end:                 # joins the run after
+            free[i][0] = start
+            free[i][1] += n
+        else:
+            free.insert(i, [start, n])
 
     def view(self, pfn: int) -> memoryview:
         return self.memory.view(pfn)
@@ -183,7 +210,8 @@ class Engine:
             raise OSError(errno.EINVAL, f"a command of {npages} pages exceeds the pool")
         if not self.connected:           # nothing will ever wake a waiter now
             raise OSError(errno.EIO, "disk disconnected")
-        if self._waiters or not self.free or not self._fits(need, npages):
+        if self._waiters or not self.free or self.pool.free_pages < need or \
+                (npages > self.safe_pages and not self._fits(need, npages)):
             if not self.free:
                 self.freezes["cm_shortage"] += 1
             else:
@@ -207,8 +235,9 @@ class Engine:
         cmd = self.free.popleft()
         cmd.queue = Queue.NONE
         cmd.op = op
-        cmd.pages = self.pool.alloc(npages) if npages else []
-        cmd.extra_pages = self.pool.alloc(extra) if extra else []
+        pool = self.pool
+        cmd.pages = pool.alloc(npages) if npages else []
+        cmd.extra_pages = pool.alloc(extra) if extra else []
         cmd.done = None
         cmd.status = 0
         cmd.ordered = cmd.single_step = cmd.abandoned = False
@@ -229,12 +258,16 @@ class Engine:
             self._waiters[0][1].set()
 
     def _put(self, cmd: Command) -> None:
-        self.pool.release(cmd.pages)
-        self.pool.release(cmd.extra_pages)
-        cmd.pages, cmd.extra_pages = [], []
+        if cmd.pages:
+            self.pool.release(cmd.pages)
+            cmd.pages = []
+        if cmd.extra_pages:
+            self.pool.release(cmd.extra_pages)
+            cmd.extra_pages = []
         cmd.queue = Queue.FREE
         self.free.append(cmd)
-        self._thaw()
+        if self._waiters:
+            self._thaw()
 
     # -- dispatch ---------------------------------------------------------------------------
     def startio(self) -> None:
@@ -334,9 +367,14 @@ class Engine:
 
     def _release(self, cmd: Command) -> None:
         if cmd.queue == Queue.COMPLETE:
-            self.complete_q.remove(cmd)
+            q = self.complete_q
+            if q[-1] is cmd:                   # the usual case: the latest completion
+                q.pop()
+            else:
+                q.remove(cmd)
             self._put(cmd)
-        self.startio()
+        if self.ready:
+            self.startio()
 
     @staticmethod
     def _check(status: int, what: str) -> None:
@@ -359,12 +397,17 @@ class Engine:
         status = await self._submit(cmd)
         try:
             if status == 0:
-                whole = self._pages_view(cmd.pages)
-                data = bytes(whole[:n]) if whole is not None else b"".join(
-                    self.memory.view(pfn) for pfn in cmd.pages)[:n]
+                pages = cmd.pages
+                if len(pages) == 1:
+                    data = bytes(self.memory.view(pages[0])[:n])
+                else:
+                    whole = self._pages_view(pages)
+                    data = bytes(whole[:n]) if whole is not None else b"".join(
+                        self.memory.view(pfn) for pfn in pages)[:n]
         finally:
             self._release(cmd)
-        self._check(status, f"read at sector {sector}")
+        if status:
+            self._check(status, f"read at sector {sector}")
         return data
 
     async def read(self, sector: int, out: memoryview) -> None:
@@ -388,7 +431,8 @@ class Engine:
         cmd.ordered = ordered
         status = await self._submit(cmd)
         self._release(cmd)
-        self._check(status, f"write at sector {sector}")
+        if status:
+            self._check(status, f"write at sector {sector}")
 
     async def flush(self) -> None:
         """Empty the device's volatile cache: its FLUSH, else an empty barrier; nothing on a

@@ -33,6 +33,7 @@ from vbusfs.sysfs.driver_core import add_power_dir, sysfs_bool
 __all__ = ["Disk", "QueueSettings", "add_disk", "del_disk", "BLOCK_CLASS"]
 
 BLOCK_CLASS = "sys/class/block"
+_monotonic_ns = time.monotonic_ns
 _diskseq = 0
 
 
@@ -58,17 +59,26 @@ class _RangeLock:
 
     def __init__(self) -> None:
         self._held: list[tuple[int, int]] = []
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None    # made when someone has to wait
+
+    def _overlaps(self, start: int, end: int) -> bool:
+        for s, e in self._held:
+            if s < end and start < e:
+                return True
+        return False
 
     async def acquire(self, start: int, end: int) -> None:
-        while any(s < end and start < e for s, e in self._held):
+        while self._held and self._overlaps(start, end):
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         self._held.append((start, end))
 
     def release(self, start: int, end: int) -> None:
         self._held.remove((start, end))
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 class Disk:
@@ -105,16 +115,18 @@ class Disk:
     def _start(self, op: Op) -> int:
         """Account an I/O being issued; every call is paired with :meth:`_done` in a
         ``finally``, so a caller cancelled midway (a killed ``dd``) leaves nothing behind."""
-        now = time.monotonic_ns()
-        if not any(self.in_flight):
+        now = _monotonic_ns()
+        in_flight = self.in_flight
+        if not (in_flight[0] or in_flight[1]):
             self._busy_since = now
-        self.in_flight[op != Op.READ] += 1
+        in_flight[op != Op.READ] += 1
         return now
 
     def _done(self, op: Op, t0: int, sectors: int) -> None:
-        now = time.monotonic_ns()
-        self.in_flight[op != Op.READ] -= 1
-        if not any(self.in_flight):
+        now = _monotonic_ns()
+        in_flight = self.in_flight
+        in_flight[op != Op.READ] -= 1
+        if not (in_flight[0] or in_flight[1]):
             self._busy_ns += now - self._busy_since
         group = STAT_GROUP[op]
         self.ios[group] += 1
@@ -173,7 +185,8 @@ class Disk:
                           f"whole {lbs}-byte blocks")
 
     async def read(self, offset: int, size: int, direct: bool = False) -> bytes | bytearray:
-        self._check_live()
+        if self.dead:
+            self._check_live()
         total = self.sectors * SECTOR
         if offset >= total or size <= 0:
             return b""
@@ -185,7 +198,8 @@ class Disk:
         end = -(-(offset + size) // lbs) * lbs
         t0 = self._start(Op.READ)
         try:
-            if end - start <= self._chunk():
+            if end - start <= self.engine.max_bytes and \
+                    end - start <= self.queue.max_sectors_kb * 1024:     # self._chunk()
                 data = await self.engine.read_bytes(start // SECTOR, end - start)
                 if start == offset and end - start == size:
                     return data            # the common case: one copy out of guest memory
@@ -222,7 +236,10 @@ class Disk:
             t0 = self._start(Op.WRITE)
             try:
                 if start == offset and end == offset + n:
-                    await self._write_blocks(start, memoryview(data)[:n])
+                    if n <= self.engine.max_bytes and n <= self.queue.max_sectors_kb * 1024:
+                        await self.engine.write(start // SECTOR, memoryview(data)[:n])
+                    else:
+                        await self._write_blocks(start, memoryview(data)[:n])
                 else:
                     buf = bytearray(end - start)
                     view = memoryview(buf)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from dataclasses import dataclass
 
 import trio
@@ -51,6 +52,9 @@ POOL_PAGES = 1024                # data pages per disk (4 MiB); more in flight w
 DRAIN_DEADLINE = 5.0
 TRANSACTION_ATTEMPTS = 10         # xenstore EAGAINs in a row before connect gives up
 _M32 = 0xFFFFFFFF
+_SRING_HEADER = 64
+#: a request with one segment: blkif_request's head and its first blkif_request_segment
+_ONE_SEGMENT = struct.Struct(blkif.REQUEST_HEAD.format + blkif.SEGMENT.format[1:])
 
 
 @dataclass
@@ -98,7 +102,8 @@ class BlkifTransport:
         self.pgrants.clear()
 
     def can_post(self, cmd: Command) -> bool:
-        return self.ring.free_requests() > 0         # every command is one slot
+        ring = self.ring                             # every command is one slot
+        return (ring.req_prod_pvt - ring.rsp_cons) & _M32 < ring.size
 
     def extra_pages_for(self, op: BlockOp, npages: int) -> int:
         """Indirect segment pages, for more data pages than a direct request carries."""
@@ -125,8 +130,22 @@ class BlkifTransport:
     def post(self, cmd: Command) -> None:
         ring = self.ring
         view = ring.view
-        off = ring.slot_offset(ring.req_prod_pvt)
-        cmd.priv = refs = self._grant(cmd)
+        prod = ring.req_prod_pvt
+        off = _SRING_HEADER + (prod & ring.mask) * blkif.SLOT_SIZE
+        pages = cmd.pages
+        if self.persistent and len(pages) == 1 and not cmd.extra_pages:
+            # the 4 KiB request: its persistent grant and one segment, one struct call
+            cmd.priv = refs = [self.pgrants[pages[0]]]
+            kind = cmd.op
+            op = Op.READ if kind == BlockOp.READ else Op.WRITE_BARRIER \
+                if cmd.ordered and self.limits.barrier else Op.WRITE
+            if kind == BlockOp.READ or kind == BlockOp.WRITE:
+                _ONE_SEGMENT.pack_into(view, off, op, 1, self.handle, cmd.id, cmd.sector,
+                                       refs[0], 0, cmd.nsectors - 1)
+                ring.req_prod_pvt = (prod + 1) & _M32
+                return
+        else:
+            cmd.priv = refs = self._grant(cmd)
         if cmd.op == BlockOp.DISCARD:
             blkif.DISCARD.pack_into(view, off, Op.DISCARD, 0, self.handle, cmd.id, cmd.sector,
                                     cmd.nsectors)
@@ -157,7 +176,7 @@ class BlkifTransport:
                 grefs = irefs + [0] * (blkif.MAX_INDIRECT_PAGES - len(irefs))
                 blkif.INDIRECT.pack_into(view, off, Op.INDIRECT, op, nseg, cmd.id,
                                          cmd.sector, self.handle, *grefs)
-        ring.req_prod_pvt = (ring.req_prod_pvt + 1) & _M32
+        ring.req_prod_pvt = (prod + 1) & _M32
 
     def push(self) -> None:
         if self.ring.push_requests_and_check_notify():
@@ -357,22 +376,25 @@ class Blkfront:
         if t is None or engine is None or not engine.connected:
             return True
         ring = t.ring
+        unpack, complete, errnos = blkif.RESPONSE.unpack_from, engine.complete, _ERRNO
+        view, mask = ring.view, ring.mask
         while True:
             rp = ring.rsp_prod
-            if (rp - ring.rsp_cons) & _M32 > ((ring.req_prod_pvt - ring.rsp_cons) & _M32):
+            cons = ring.rsp_cons
+            if (rp - cons) & _M32 > ((ring.req_prod_pvt - cons) & _M32):
                 log.error("%s: backend produced responses for requests never sent "
                           "(rsp_prod %d); disk failed", self.dev.name, rp)
                 engine.fail_all()
                 return True
-            view = ring.view
-            while ring.rsp_cons != rp:
-                rid, _op, status = blkif.RESPONSE.unpack_from(
-                    view, ring.slot_offset(ring.rsp_cons))
-                ring.rsp_cons = (ring.rsp_cons + 1) & _M32
-                engine.complete(rid, _ERRNO.get(status, errno.EIO))
+            while cons != rp:
+                rid, _op, status = unpack(view, _SRING_HEADER + (cons & mask) *
+                                          blkif.SLOT_SIZE)
+                cons = ring.rsp_cons = (cons + 1) & _M32
+                complete(rid, 0 if status == 0 else errnos.get(status, errno.EIO))
             if not ring.final_check_for_responses():
                 break
-        engine.startio()
+        if engine.ready:
+            engine.startio()
         return True
 
     async def close(self) -> None:

@@ -66,9 +66,12 @@ class EventChannels:
 
     def send(self, domid: int, port: int) -> None:
         """``EVTCHNOP_send``: make the other end pending."""
-        p = self.get(domid, port)
-        if p.peer is not None:
-            p.peer.bell.ring()
+        p = self._ports.get((domid, port))
+        if p is None:
+            raise EvtchnError(errno.EINVAL, f"domain {domid} has no event channel {port}")
+        peer = p.peer
+        if peer is not None:
+            peer.bell.ring()
 
     def close(self, domid: int, port: int) -> None:
         p = self._ports.pop((domid, port), None)

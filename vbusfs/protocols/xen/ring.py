@@ -44,7 +44,7 @@ class _Ring:
     (native order, which is the ring's little-endian on every host this runs on): one index
     operation each, as the ring is touched several times per request."""
 
-    __slots__ = ("view", "slot", "size", "_hdr")
+    __slots__ = ("view", "slot", "size", "mask", "_hdr")
 
     def __init__(self, view: memoryview, slot: int) -> None:
         if sys.byteorder != "little":
@@ -52,6 +52,7 @@ class _Ring:
         self.view = view
         self.slot = slot
         self.size = ring_size(len(view), slot)
+        self.mask = self.size - 1            # index & mask: the slot an index names
         self._hdr = view[:16].cast("I")
 
     def _set(self, off: int, value: int) -> None:
@@ -67,7 +68,7 @@ class _Ring:
         return (new - hdr[w + 1]) & MASK32 < (new - old) & MASK32
 
     def slot_offset(self, index: int) -> int:
-        return SRING_HEADER + (index & (self.size - 1)) * self.slot
+        return SRING_HEADER + (index & self.mask) * self.slot
 
     @property
     def req_prod(self) -> int:
@@ -98,24 +99,28 @@ class FrontRing(_Ring):
 
     def free_requests(self) -> int:
         """``RING_FREE_REQUESTS``."""
-        return self.size - idx(self.req_prod_pvt - self.rsp_cons)
+        return self.size - ((self.req_prod_pvt - self.rsp_cons) & MASK32)
 
     def full(self) -> bool:
         return self.free_requests() == 0
 
     def push_requests_and_check_notify(self) -> bool:
-        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY``."""
-        return self._push(REQ_PROD, self.req_prod_pvt)
+        """``RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`` (:meth:`_push`, inline: once a request)."""
+        hdr, new = self._hdr, self.req_prod_pvt
+        old = hdr[0]
+        hdr[0] = new
+        return (new - hdr[1]) & MASK32 < (new - old) & MASK32
 
     def unconsumed_responses(self) -> int:
-        return idx(self.rsp_prod - self.rsp_cons)
+        return (self._hdr[2] - self.rsp_cons) & MASK32
 
     def final_check_for_responses(self) -> bool:
         """``RING_FINAL_CHECK_FOR_RESPONSES``: arm ``rsp_event`` and re-check."""
-        if self.unconsumed_responses():
+        hdr, cons = self._hdr, self.rsp_cons
+        if hdr[2] != cons:
             return True
-        self._set(RSP_EVENT, self.rsp_cons + 1)
-        return bool(self.unconsumed_responses())
+        hdr[3] = (cons + 1) & MASK32
+        return hdr[2] != cons
 
 
 class BackRing(_Ring):
@@ -137,14 +142,18 @@ class BackRing(_Ring):
 
     def request_prod_overflow(self, prod: int) -> bool:
         """``RING_REQUEST_PROD_OVERFLOW``: the frontend published more than fits."""
-        return idx(prod - self.rsp_prod_pvt) > self.size
+        return (prod - self.rsp_prod_pvt) & MASK32 > self.size
 
     def push_responses_and_check_notify(self) -> bool:
-        return self._push(RSP_PROD, self.rsp_prod_pvt)
+        """``RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`` (:meth:`_push`, inline)."""
+        hdr, new = self._hdr, self.rsp_prod_pvt
+        old = hdr[2]
+        hdr[2] = new
+        return (new - hdr[3]) & MASK32 < (new - old) & MASK32
 
     def final_check_for_requests(self) -> bool:
         """``RING_FINAL_CHECK_FOR_REQUESTS``: arm ``req_event`` and re-check."""
         if self.unconsumed_requests():
             return True
-        self._set(REQ_EVENT, self.req_cons + 1)
+        self._hdr[1] = (self.req_cons + 1) & MASK32
         return bool(self.unconsumed_requests())

@@ -471,9 +471,11 @@ class Engine:
         return data
 
     async def drain(self, deadline: float) -> bool:
-        """Wait (at most ``deadline`` seconds) until nothing is queued or in flight."""
+        """Wait (at most ``deadline`` seconds) until nothing is queued or in flight, and no
+        caller that reached the engine is still waiting for a command or pages (one woken
+        by a completion but not yet run would otherwise find the disk disconnected)."""
         with trio.move_on_after(deadline):
-            while self.busy or self.ready:
+            while self.busy or self.ready or self._waiters:
                 await trio.sleep(0.01)
             return True
         return False
